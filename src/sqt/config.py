@@ -1,0 +1,267 @@
+"""Model configuration: LMConfig, the per-layer spec, the named variants, size presets, and the
+parameter-count formula. Everything here is plain data; validation errors name the field, the value
+and what is accepted."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Sequence, Union
+
+QUERY_SOURCES = ("proj", "table", "rotary")
+"""Where a layer's queries come from: `proj` is W_q x (standard); `table` is a learned per-position
+table Q[t, h] (static query, SQT); `rotary` is one learned vector per head rotated by RoPE at
+position t (static rotary query: no table, so no length limit)."""
+
+BLOCKS = ("classic", "modern")
+"""`classic`: the SQT seed's block (learned absolute positions, LayerNorm, GELU MLP, biases).
+`modern`: the SQA papers' block (RoPE, RMSNorm, SwiGLU, no biases)."""
+
+BACKENDS = ("auto", "sdpa", "flex", "eager")
+"""The attention op: `sdpa` (PyTorch scaled_dot_product_attention, K/V shared via enable_gqa),
+`flex` (FlexAttention, for sliding windows), `eager` (reference math, for tests). `auto` picks sdpa
+for full causal layers and flex for windowed ones."""
+
+# The head layouts, as fractions of the model's nominal head count H. A fraction that does not give
+# a whole number for the model's H is an error, never a rounding. `1` as an int means exactly one.
+#              name     (query heads, kv heads)
+HEAD_LAYOUTS: dict[str, tuple[Union[Fraction, int], Union[Fraction, int]]] = {
+    "mha": (Fraction(1), Fraction(1)),           # multi-head: every query head has its own K/V
+    "gqa": (Fraction(1), Fraction(1, 4)),        # grouped-query: 4 query heads share each K/V head
+    "mqa": (Fraction(1), 1),                     # multi-query: one K/V head for all
+    "sqa": (Fraction(1, 2), Fraction(1, 4)),     # sparse query: half the queries, GQA-sized KV
+    "ssqa": (Fraction(1, 2), Fraction(1, 2)),    # symmetric SQA: half the queries, half the KV
+    "xsqa": (Fraction(1, 4), Fraction(1, 4)),    # extreme SQA: a quarter of each
+    "xsmqa": (Fraction(1, 4), 1),                # extreme SQA with a single K/V head
+    "lsqa": (Fraction(3, 4), Fraction(1, 4)),    # light SQA: three quarters of the queries
+    "rsqa": (Fraction(1, 4), Fraction(1, 2)),    # reverse SQA: fewer queries than KV heads
+}
+
+# Named variants = a query source plus a head layout. `sqt` is the static-table model of the SQT
+# seed; `srq` its table-free rotary sibling.
+VARIANTS: dict[str, tuple[str, str]] = {
+    **{name: ("proj", name) for name in HEAD_LAYOUTS},
+    "sqt": ("table", "mha"),
+    "srq": ("rotary", "mha"),
+}
+
+_SPEC_RE = re.compile(
+    r"^(?:(?P<query>[a-z]+):)?(?:(?P<name>[a-z]+)|(?P<nq>\d+)/(?P<nkv>\d+))(?:@(?P<window>\d+))?$"
+)
+
+
+def _check_int(field_name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{field_name}={value!r}: expected an integer >= {minimum}")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One attention layer: where its queries come from, its head counts, an optional window.
+
+    Head counts are absolute; `head_dim` is fixed by the model (d_model // n_heads). One of the two
+    counts must divide the other: with more query heads, K/V heads are shared (GQA); with more K/V
+    heads (reverse SQA), each query head is broadcast to several K/V heads."""
+
+    n_q_heads: int
+    n_kv_heads: int
+    query: str = "proj"
+    window: int | None = None
+
+    def __post_init__(self):
+        _check_int("n_q_heads", self.n_q_heads)
+        _check_int("n_kv_heads", self.n_kv_heads)
+        if self.query not in QUERY_SOURCES:
+            raise ValueError(f"query={self.query!r}: expected one of {', '.join(QUERY_SOURCES)}")
+        big, small = max(self.n_q_heads, self.n_kv_heads), min(self.n_q_heads, self.n_kv_heads)
+        if big % small:
+            raise ValueError(
+                f"n_q_heads={self.n_q_heads}, n_kv_heads={self.n_kv_heads}: one head count must "
+                "divide the other")
+        if self.window is not None:
+            _check_int("window", self.window)
+
+    @property
+    def n_attn_heads(self) -> int:
+        """Heads the attention op computes (and o_proj's input width in heads): the larger count."""
+        return max(self.n_q_heads, self.n_kv_heads)
+
+    @property
+    def name(self) -> str:
+        """Canonical string, parseable by `parse_layer`: `query:nq/nkv[@window]`."""
+        s = f"{self.query}:{self.n_q_heads}/{self.n_kv_heads}"
+        return s + (f"@{self.window}" if self.window else "")
+
+
+def parse_layer(spec: Union[str, LayerSpec], n_heads: int) -> LayerSpec:
+    """Turn a variant string into a LayerSpec for a model with `n_heads` nominal heads.
+
+    Accepted forms: a variant name (`mha`, `gqa`, `mqa`, `sqa`, `ssqa`, `xsqa`, `xsmqa`, `lsqa`,
+    `rsqa`, `sqt`, `srq`); an explicit `nq/nkv`; either prefixed by a query source (`table:xsqa` is
+    SQT with xSQA's heads, `rotary:gqa`) and suffixed by a sliding window (`sqa@128`)."""
+    if isinstance(spec, LayerSpec):
+        return spec
+    if not isinstance(spec, str):
+        raise ValueError(f"layer spec {spec!r}: expected a variant name string or a LayerSpec")
+    m = _SPEC_RE.match(spec.strip().lower())
+    if not m:
+        raise ValueError(
+            f"layer spec {spec!r}: expected '[query:]name[@window]' or '[query:]nq/nkv[@window]' "
+            f"with name in {', '.join(VARIANTS)} and query in {', '.join(QUERY_SOURCES)}")
+    window = int(m["window"]) if m["window"] else None
+    if m["nq"]:
+        return LayerSpec(int(m["nq"]), int(m["nkv"]), m["query"] or "proj", window)
+    name = m["name"]
+    if name not in VARIANTS:
+        raise ValueError(f"variant {name!r} (in {spec!r}): expected one of {', '.join(VARIANTS)}")
+    query, layout = VARIANTS[name]
+    if m["query"]:
+        if name not in HEAD_LAYOUTS:
+            raise ValueError(f"layer spec {spec!r}: a query source prefix needs a head layout "
+                             f"({', '.join(HEAD_LAYOUTS)}), not {name!r}")
+        query = m["query"]
+    counts = []
+    for side, frac in zip(("n_q_heads", "n_kv_heads"), HEAD_LAYOUTS[layout]):
+        if isinstance(frac, int):
+            counts.append(frac)
+            continue
+        value = frac * n_heads
+        if value.denominator != 1 or value < 1:
+            raise ValueError(
+                f"variant {name!r} with n_heads={n_heads}: {side} would be {frac} x {n_heads} = "
+                f"{float(value):g}, not a whole number; use n_heads divisible by "
+                f"{frac.denominator} or an explicit 'nq/nkv' spec")
+        counts.append(int(value))
+    return LayerSpec(counts[0], counts[1], query, window)
+
+
+LayersArg = Union[str, LayerSpec, Sequence[Union[str, LayerSpec]]]
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    """A decoder-only language model. `layers` is one variant for every layer or one per layer."""
+
+    vocab_size: int = 65
+    d_model: int = 256
+    n_heads: int = 4
+    n_layers: int = 4
+    d_ff: int = 512
+    max_seq_len: int = 256
+    block: str = "classic"
+    dropout: float = 0.0
+    tie_embeddings: bool = False
+    backend: str = "auto"
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    layers: Union[str, tuple] = "mha"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "max_seq_len"):
+            _check_int(name, getattr(self, name))
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}: "
+                             "head_dim = d_model // n_heads must be a whole number")
+        if self.block not in BLOCKS:
+            raise ValueError(f"block={self.block!r}: expected one of {', '.join(BLOCKS)}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend={self.backend!r}: expected one of {', '.join(BACKENDS)}")
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"dropout={self.dropout!r}: expected a number in [0, 1)")
+        if not isinstance(self.layers, str):
+            # Normalise to a tuple of strings so configs stay hashable and serialise to JSON.
+            object.__setattr__(self, "layers", tuple(
+                s.name if isinstance(s, LayerSpec) else s for s in self.layers))
+            if len(self.layers) != self.n_layers:
+                raise ValueError(f"layers has {len(self.layers)} entries but n_layers="
+                                 f"{self.n_layers}: give one variant, or one per layer")
+        self.layer_specs()  # validate every spec against n_heads now, not at first forward
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def layer_specs(self) -> tuple[LayerSpec, ...]:
+        names = [self.layers] * self.n_layers if isinstance(self.layers, str) else self.layers
+        return tuple(parse_layer(s, self.n_heads) for s in names)
+
+    def with_layers(self, layers: LayersArg) -> "LMConfig":
+        if isinstance(layers, (str, LayerSpec)):
+            layers = layers.name if isinstance(layers, LayerSpec) else layers
+        return dataclasses.replace(self, layers=layers if isinstance(layers, str) else tuple(layers))
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["layers"] = self.layers if isinstance(self.layers, str) else list(self.layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LMConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"config has unknown fields {unknown}: expected a subset of "
+                             f"{sorted(known)}")
+        d = dict(d)
+        if isinstance(d.get("layers"), list):
+            d["layers"] = tuple(d["layers"])
+        return cls(**d)
+
+
+def hybrid_layers(n_layers: int, n_sqt_layers: int, first: str = "sqt", rest: str = "mha"):
+    """The SQT seed's hybrid: the first N layers `first`, the others `rest`."""
+    if isinstance(n_sqt_layers, bool) or not isinstance(n_sqt_layers, int) or not (
+            0 <= n_sqt_layers <= n_layers):
+        raise ValueError(f"n_sqt_layers={n_sqt_layers!r}: expected an integer in 0..{n_layers}")
+    return tuple([first] * n_sqt_layers + [rest] * (n_layers - n_sqt_layers))
+
+
+# Size presets. The seed's three sizes are at vocab 65, context 256, classic block; each has a head
+# count divisible by 4 so every named variant exists at every size. `sqa-dense` is the SQA paper's
+# dense model.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(vocab_size=65, d_model=128, n_heads=4, n_layers=2, d_ff=256, max_seq_len=256),
+    "small": dict(vocab_size=65, d_model=256, n_heads=4, n_layers=4, d_ff=512, max_seq_len=256),
+    "medium": dict(vocab_size=65, d_model=384, n_heads=8, n_layers=5, d_ff=1024, max_seq_len=256),
+    "sqa-dense": dict(vocab_size=10_000, d_model=256, n_heads=16, n_layers=8, d_ff=768,
+                      max_seq_len=1024, block="modern"),
+}
+
+
+def preset(name: str, **overrides) -> LMConfig:
+    """An LMConfig from a named size preset; keyword arguments override any field."""
+    if name not in PRESETS:
+        raise ValueError(f"preset {name!r}: expected one of {', '.join(PRESETS)}")
+    return LMConfig(**{**PRESETS[name], **overrides})
+
+
+def param_count(cfg: LMConfig) -> int:
+    """Trainable parameters of `TransformerLM(cfg)`, from the architecture alone. Tests check this
+    formula against the built model, so it is the one place the model's size is written down."""
+    d, hd, classic = cfg.d_model, cfg.head_dim, cfg.block == "classic"
+    bias = 1 if classic else 0
+    norm = 2 * d if classic else d                      # LayerNorm has a bias, RMSNorm not
+    total = cfg.vocab_size * d                          # token embedding
+    if classic:
+        total += cfg.max_seq_len * d                    # learned absolute positions
+    for spec in cfg.layer_specs():
+        q_out, kv_out = spec.n_q_heads * hd, spec.n_kv_heads * hd
+        if spec.query == "proj":
+            total += d * q_out + bias * q_out
+        elif spec.query == "table":
+            total += cfg.max_seq_len * q_out
+        else:
+            total += q_out                              # one vector per head, rotated by RoPE
+        total += 2 * (d * kv_out + bias * kv_out)       # k_proj, v_proj
+        total += spec.n_attn_heads * hd * d + bias * d  # o_proj
+        if classic:
+            total += 2 * d * cfg.d_ff + cfg.d_ff + d    # GELU MLP with biases
+        else:
+            total += 3 * d * cfg.d_ff                   # SwiGLU: gate, up, down
+        total += 2 * norm
+    total += norm                                       # final norm
+    if not cfg.tie_embeddings:
+        total += d * cfg.vocab_size + bias * cfg.vocab_size
+    return total

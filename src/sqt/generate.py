@@ -1,0 +1,100 @@
+"""Incremental decoding with the KV cache: sampling (temperature, top-k, top-p), streaming as an
+iterator or a callback, an optional stop token. Prompts in a batch have equal length."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Optional
+
+import torch
+
+
+def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ValueError(f"temperature={temperature!r}: expected a number >= 0 (0 is greedy)")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k={top_k!r}: expected None or an integer >= 1")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p={top_p!r}: expected None or a number in (0, 1]")
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
+                top_p: Optional[float] = None,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """logits: (B, V) -> token ids (B,). Temperature 0 is greedy. Runs on the logits' device with
+    no host synchronisation, so it can sit inside a captured graph."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token when the mass before it already reaches top_p (the first always stays).
+        drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _check_request(model, idx: torch.Tensor, max_new_tokens: int) -> None:
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
+        raise ValueError(f"prompt has shape {getattr(idx, 'shape', None)}: expected a (batch, "
+                         "seq_len) tensor of token ids; batched prompts must have equal length")
+    if idx.shape[1] == 0:
+        raise ValueError("prompt is empty: expected at least one token")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected an integer >= 1")
+    limit = model.max_positions
+    if limit is not None and idx.shape[1] + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt length {idx.shape[1]} + max_new_tokens={max_new_tokens} exceeds the "
+            f"model's max_seq_len={limit}; shorten the prompt or ask for at most "
+            f"{max(limit - idx.shape[1], 0)} new tokens")
+
+
+@torch.no_grad()
+def stream(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+           top_k: Optional[int] = None, top_p: Optional[float] = None,
+           stop_token: Optional[int] = None,
+           generator: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
+    """Yield the next token ids (B,) one step at a time. A sequence that has produced
+    `stop_token` keeps producing it; the iterator ends when every sequence has stopped."""
+    _check_request(model, idx, max_new_tokens)
+    check_sampling(temperature, top_k, top_p)
+    was_training = model.training
+    model.eval()
+    try:
+        cache = model.new_cache(idx.shape[0], idx.shape[1] + max_new_tokens)
+        logits = model(idx, cache)[:, -1]
+        done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            if stop_token is not None:
+                nxt = torch.where(done, torch.full_like(nxt, stop_token), nxt)
+                done = done | (nxt == stop_token)
+            yield nxt
+            if stop_token is not None and bool(done.all()):
+                return
+            if cache.length < cache.max_len:
+                logits = model(nxt[:, None], cache)[:, -1]
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: Optional[int] = None, top_p: Optional[float] = None,
+             stop_token: Optional[int] = None, generator: Optional[torch.Generator] = None,
+             callback: Optional[Callable[[torch.Tensor], None]] = None) -> torch.Tensor:
+    """Prompt (B, T) -> prompt plus generated tokens (B, T + n), n <= max_new_tokens (fewer when
+    every sequence reached `stop_token`). `callback(tokens)` is called with each new (B,) step."""
+    out = [idx]
+    for nxt in stream(model, idx, max_new_tokens, temperature, top_k, top_p, stop_token,
+                      generator):
+        if callback is not None:
+            callback(nxt)
+        out.append(nxt[:, None])
+    return torch.cat(out, dim=1)

@@ -1,0 +1,143 @@
+"""The attention op alone, behind one signature: `sdpa` (default), `flex` (sliding windows) and
+`eager` (the reference the tests compare against). Queries live at absolute positions
+`q_offset .. q_offset+T-1`, keys at `0 .. S-1`; a query sees keys at or before its own position
+(and, with a window w, fewer than w positions back)."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+Offset = Union[int, torch.Tensor]
+
+
+def resolve_backend(requested: str, window: Optional[int], device_type: str = "cuda") -> str:
+    """The backend a layer will actually use on a device. `auto` picks sdpa for full causal layers
+    and, for windowed ones, flex on CUDA and eager elsewhere (FlexAttention has no CPU backward).
+    Never falls back silently: a window on a backend that cannot apply one is an error."""
+    if requested == "auto":
+        return ("flex" if device_type == "cuda" else "eager") if window else "sdpa"
+    if requested == "sdpa" and window:
+        raise ValueError(
+            f"backend='sdpa' with window={window}: SDPA has no sliding-window kernel; "
+            "use backend 'flex', 'eager' or 'auto' for windowed layers")
+    if requested not in ATTENTION_FUNCTIONS:
+        raise ValueError(f"backend={requested!r}: expected one of auto, "
+                         f"{', '.join(ATTENTION_FUNCTIONS)}")
+    return requested
+
+
+def allowed_mask(T: int, S: int, q_offset: Offset, window: Optional[int],
+                 device) -> torch.Tensor:
+    """Boolean (T, S): True where query i (at position q_offset + i) may attend to key j."""
+    q_pos = torch.arange(T, device=device) + q_offset
+    k_pos = torch.arange(S, device=device)
+    diff = q_pos[:, None] - k_pos[None, :]
+    allowed = diff >= 0
+    if window:
+        allowed = allowed & (diff < window)
+    return allowed
+
+
+def _broadcast_queries(q: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """Reverse SQA: fewer query heads than K/V heads. Query head h serves K/V heads
+    h*G .. h*G+G-1, so queries are repeated (they are the small side) and K/V stay as they are."""
+    return q.repeat_interleave(n_kv // q.shape[1], dim=1)
+
+
+def _is_plain_causal(T: int, S: int, q_offset: Offset) -> bool:
+    return isinstance(q_offset, int) and q_offset == 0 and T == S
+
+
+def _is_last_row(T: int, S: int, q_offset: Offset) -> bool:
+    # One query at the newest position sees every key: no mask needed.
+    return isinstance(q_offset, int) and T == 1 and q_offset == S - 1
+
+
+def sdpa_attention(q, k, v, q_offset: Offset = 0, window: Optional[int] = None):
+    if window:
+        raise ValueError(f"window={window}: the sdpa backend cannot apply a sliding window")
+    T, S = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if _is_plain_causal(T, S, q_offset):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if _is_last_row(T, S, q_offset):
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    mask = allowed_mask(T, S, q_offset, None, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def eager_attention(q, k, v, q_offset: Offset = 0, window: Optional[int] = None):
+    T, S = q.shape[2], k.shape[2]
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+    scores = scores.masked_fill(~allowed_mask(T, S, q_offset, window, q.device), float("-inf"))
+    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+
+
+_block_masks: dict = {}
+_compiled_flex: Optional[Callable] = None
+
+
+def _flex_fn(device: torch.device) -> Callable:
+    """FlexAttention is a template that must be compiled to be fast; on CPU the uncompiled
+    reference path is used (it is what tests run)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+    if device.type != "cuda":
+        return flex_attention
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+def flex_block_mask(T: int, S: int, q_offset: int, window: Optional[int], device):
+    """Block-sparse mask for causal (+ window) attention; fully masked tiles are skipped."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    key = (T, S, q_offset, window, str(device))
+    if key not in _block_masks:
+        def mask_mod(b, h, q_idx, kv_idx):
+            diff = q_idx + q_offset - kv_idx
+            ok = diff >= 0
+            return (ok & (diff < window)) if window else ok
+        _block_masks[key] = create_block_mask(mask_mod, None, None, T, S, device=device)
+    return _block_masks[key]
+
+
+def flex_attention(q, k, v, q_offset: Offset = 0, window: Optional[int] = None):
+    if not isinstance(q_offset, int):
+        raise ValueError("flex backend: q_offset must be a Python int (the block mask is built "
+                         "per offset); use the sdpa or eager backend for tensor offsets")
+    if q.device.type != "cuda" and torch.is_grad_enabled() and q.requires_grad:
+        raise ValueError("backend='flex' on the CPU: FlexAttention has no CPU backward; use "
+                         "backend 'auto' or 'eager' to train on the CPU")
+    if q.device.type != "cuda" and not torch.is_grad_enabled():
+        # A static query table slice is a view of a parameter and keeps requires_grad even under
+        # no_grad, which the CPU FlexAttention path rejects; there is no backward here anyway.
+        q, k, v = q.detach(), k.detach(), v.detach()
+    T, S = q.shape[2], k.shape[2]
+    block_mask = flex_block_mask(T, S, q_offset, window, q.device)
+    gqa = q.shape[1] != k.shape[1]
+    return _flex_fn(q.device)(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+
+
+# One registry, one signature: fn(q, k, v, q_offset, window) -> (B, H, T, D).
+ATTENTION_FUNCTIONS: dict[str, Callable] = {
+    "sdpa": sdpa_attention,
+    "flex": flex_attention,
+    "eager": eager_attention,
+}
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str,
+           q_offset: Offset = 0, window: Optional[int] = None) -> torch.Tensor:
+    """q: (B, Hq, T, D); k, v: (B, Hkv, S, D), one head count dividing the other. Returns
+    (B, max(Hq, Hkv), T, D)."""
+    if q.shape[1] < k.shape[1]:
+        q = _broadcast_queries(q, k.shape[1])
+    return ATTENTION_FUNCTIONS[backend](q, k, v, q_offset, window)
