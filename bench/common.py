@@ -1,0 +1,67 @@
+"""The one home for timing and for the hardware ceilings benchmarks compare against.
+
+GPU work is timed with CUDA events after warm-up; every figure is a median with its spread."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from sqt.utils import atomic_write_json, run_record  # noqa: F401  (re-exported for benchmarks)
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def summarize(samples_ms: list[float]) -> dict:
+    """Median and spread of timing samples (milliseconds)."""
+    s = sorted(samples_ms)
+    n = len(s)
+    q = statistics.quantiles(s, n=4) if n >= 2 else [s[0]] * 3
+    return {"median_ms": statistics.median(s), "q1_ms": q[0], "q3_ms": q[2], "min_ms": s[0],
+            "max_ms": s[-1], "n": n}
+
+
+def time_fn(fn: Callable[[], object], device, warmup: int = 3, repeats: int = 10,
+            max_seconds: float | None = None) -> dict:
+    """Time `fn()` `repeats` times after `warmup` calls. On CUDA each call is bracketed by events
+    (no host clock on asynchronous work); on CPU by perf_counter. `max_seconds` stops early once
+    at least 3 samples are taken, for slow cases."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    samples, start_all = [], time.perf_counter()
+    for _ in range(repeats):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            samples.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+        if max_seconds and len(samples) >= 3 and time.perf_counter() - start_all > max_seconds:
+            break
+    return summarize(samples)
+
+
+def matmul_peak_tflops(device, dtype=torch.bfloat16, n: int = 8192, repeats: int = 20) -> float:
+    """The measured dense matmul rate on random data (never zeros: they run faster), the ceiling
+    that '% of peak' figures are taken against."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        n = min(n, 1024)
+        dtype = torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    stats = time_fn(lambda: a @ b, device, warmup=5, repeats=repeats)
+    return 2 * n ** 3 / (stats["median_ms"] * 1e-3) / 1e12
