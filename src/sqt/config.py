@@ -263,5 +263,5 @@ def param_count(cfg: LMConfig) -> int:
         total += 2 * norm
     total += norm                                       # final norm
     if not cfg.tie_embeddings:
-        total += d * cfg.vocab_size + bias * cfg.vocab_size
-    return total
+        total += d * cfg.vocab_size                     # LM head weight (tied: the embedding)
+    return total + bias * cfg.vocab_size

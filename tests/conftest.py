@@ -1,0 +1,32 @@
+import pytest
+import torch
+
+from sqt import LMConfig, TransformerLM
+
+# Every named variant plus the mixes a researcher would build: windows, SQT with fewer query
+# heads, the static rotary query, a per-layer hybrid.
+LAYER_CASES = [
+    "mha", "gqa", "mqa", "sqa", "ssqa", "xsqa", "xsmqa", "lsqa", "rsqa", "sqt", "srq",
+    "mha@3", "sqa@5", "table:xsqa", "rotary:gqa", ("sqt", "xsqa"), ("mha@4", "rsqa"),
+]
+
+
+def case_id(layers) -> str:
+    return "+".join(layers) if isinstance(layers, tuple) else layers
+
+
+def small_config(block="classic", layers="mha", **kw) -> LMConfig:
+    base = dict(vocab_size=37, d_model=32, n_heads=8, n_layers=2, d_ff=48, max_seq_len=24,
+                block=block, layers=layers)
+    return LMConfig(**{**base, **kw})
+
+
+def build(block="classic", layers="mha", seed=0, **kw) -> TransformerLM:
+    torch.manual_seed(seed)
+    return TransformerLM(small_config(block, layers, **kw)).eval()
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(1234)
+    yield
