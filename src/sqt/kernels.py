@@ -92,6 +92,13 @@ def _flex_fn(device: torch.device) -> Callable:
     if device.type != "cuda":
         return flex_attention
     if _compiled_flex is None:
+        # Each (shape, dtype, grad mode) compiles once. Past dynamo's recompile limit (8) the call
+        # would silently run the unfused reference, materialising the full score matrix, which a
+        # benchmark over many lengths reaches quickly: allow more.
+        import torch._dynamo
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
+        torch._dynamo.config.accumulated_recompile_limit = max(
+            torch._dynamo.config.accumulated_recompile_limit, 1024)
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex
 
@@ -126,6 +133,46 @@ def flex_attention(q, k, v, q_offset: Offset = 0, window: Optional[int] = None):
     return _flex_fn(q.device)(q, k, v, block_mask=block_mask, enable_gqa=gqa)
 
 
+def decode_attention(q, k, v, q_offset: torch.Tensor, window: Optional[int] = None):
+    """One new query per sequence (T == 1) at a position held in a device tensor, over a
+    preallocated cache that may be longer than the sequence so far: the decode step a captured
+    graph replays. The query heads sharing a K/V head are folded into the query-length dimension
+    (their position, hence their mask row, is the same), so SDPA runs without `enable_gqa` and
+    with an additive mask, which the memory-efficient kernel accepts; with enable_gqa and a mask
+    SDPA may fall back to the math kernel, which copies K/V once per query head."""
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    bias = _decode_bias(S, q_offset, window, q.dtype, q.device)
+    y = F.scaled_dot_product_attention(q.reshape(B, Hkv, (Hq // Hkv) * T, D), k, v,
+                                       attn_mask=bias)
+    return y.reshape(B, Hq, T, D)
+
+
+_decode_bias_memo: dict = {}
+
+
+def _decode_bias(S: int, q_offset: torch.Tensor, window: Optional[int], dtype, device):
+    """The (1, 1, 1, S) additive mask of a decode step, built once per step rather than once per
+    layer (for a small model the mask's tiny kernels would be a fifth of the step). The memo is
+    keyed on the offset tensor's identity and version counter, which every in-place update of
+    the position bumps, so a stale mask is never reused."""
+    version = getattr(q_offset, "_version", None) if not q_offset.is_inference() else None
+    key = (S, window, dtype, str(device))
+    if version is not None and _decode_bias_memo.get("offset") is q_offset \
+            and _decode_bias_memo.get("version") == version and key in _decode_bias_memo:
+        return _decode_bias_memo[key]
+    allowed = allowed_mask(1, S, q_offset, window, device)
+    bias = torch.zeros(1, 1, 1, S, dtype=dtype, device=device).masked_fill_(
+        ~allowed.view(1, 1, 1, S), float("-inf"))
+    if version is not None:
+        if _decode_bias_memo.get("offset") is not q_offset \
+                or _decode_bias_memo.get("version") != version:
+            _decode_bias_memo.clear()
+            _decode_bias_memo.update(offset=q_offset, version=version)
+        _decode_bias_memo[key] = bias
+    return bias
+
+
 # One registry, one signature: fn(q, k, v, q_offset, window) -> (B, H, T, D).
 ATTENTION_FUNCTIONS: dict[str, Callable] = {
     "sdpa": sdpa_attention,
@@ -140,4 +187,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str,
     (B, max(Hq, Hkv), T, D)."""
     if q.shape[1] < k.shape[1]:
         q = _broadcast_queries(q, k.shape[1])
+    if not isinstance(q_offset, int) and q.shape[2] == 1 and backend != "eager":
+        # The decode step of a graph-captured engine (the eager backend stays the reference).
+        return decode_attention(q, k, v, q_offset, window)
     return ATTENTION_FUNCTIONS[backend](q, k, v, q_offset, window)

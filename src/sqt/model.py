@@ -127,13 +127,19 @@ class TransformerLM(nn.Module):
             raise ValueError("idx has seq_len=0: expected at least one token")
         offset = cache.length if cache is not None else 0
         limit = self.max_positions
-        if limit is not None and offset + T > limit:
+        # A tensor offset comes from a decode engine that keeps the position on the device so one
+        # captured graph replays every step; it checks lengths up front, since comparing here
+        # would synchronise with the device (and cannot be captured).
+        if limit is not None and isinstance(offset, int) and offset + T > limit:
             raise ValueError(
                 f"sequence length {offset + T} exceeds max_seq_len={limit}, the longest this "
                 "model can read (learned positions or a static query table)")
         x = self.tok_emb(idx)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(offset, offset + T, device=idx.device))
+            positions = (torch.arange(offset, offset + T, device=idx.device)
+                         if isinstance(offset, int) else
+                         torch.arange(T, device=idx.device) + offset)
+            x = x + self.pos_emb(positions)
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, offset, cache)

@@ -1,0 +1,356 @@
+"""The size sweep: train every (size, variant, seed) on character-level Tiny Shakespeare, time the
+inference of each architecture, and write per-run JSON, a summary JSON, the seed-style table, the
+variant-quality table and a learning-curve plot under bench/results/sweep/<run id>/.
+
+    python -m bench.sweep --sizes tiny small medium --steps 2000
+    python -m bench.sweep --variants mha gqa mqa sqa ssqa xsqa xsmqa lsqa rsqa sqt --seeds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+from sqt.config import PRESETS, VARIANTS, param_count, preset
+from sqt.utils import atomic_write_json, run_record
+
+from .common import matmul_peak_tflops
+
+# Per-size hyperparameters: the learning rate peaks after `warmup` steps and decays by cosine to
+# lr/10 at the last step; dropout is the model's. Smaller models tolerate a higher rate and need
+# less regularisation in 2000 steps (33M tokens); medium is nanoGPT shakespeare_char's regime.
+SIZE_HPARAMS = {
+    "tiny": {"lr": 3e-3, "dropout": 0.0},
+    "small": {"lr": 2e-3, "dropout": 0.1},
+    "medium": {"lr": 1.5e-3, "dropout": 0.15},
+}
+SHARED_HPARAMS = {"warmup": 100, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.99,
+                  "grad_clip": 1.0}
+SIZES = tuple(k for k in PRESETS if k != "sqa-dense")
+
+_DATA_CACHE: dict = {}
+
+
+def _dataset(name: str):
+    if name not in _DATA_CACHE:
+        from sqt.data import load_dataset
+        _DATA_CACHE[name] = load_dataset(name)
+    return _DATA_CACHE[name]
+
+
+def model_config(size: str, layers, vocab_size: int, dropout: float, seq_len: int):
+    return preset(size, vocab_size=vocab_size, dropout=dropout, layers=layers,
+                  max_seq_len=max(seq_len, PRESETS[size]["max_seq_len"]))
+
+
+def run_one(spec: dict, common: dict) -> dict:
+    """Train one run and write its JSON. Runs in a worker process when --jobs > 1."""
+    from sqt.train import TrainConfig, train
+    if common.get("threads"):
+        torch.set_num_threads(common["threads"])
+    data = _dataset(common["data"])
+    hp = {**SIZE_HPARAMS.get(spec["size"], SIZE_HPARAMS["small"])}
+    for k in ("lr", "dropout"):
+        if common.get(k) is not None:
+            hp[k] = common[k]
+    mcfg = model_config(spec["size"], spec["layers"], data.tokenizer.vocab_size, hp["dropout"],
+                        common["seq_len"])
+    tcfg = TrainConfig(steps=common["steps"], batch_size=common["batch_size"],
+                       seq_len=common["seq_len"], lr=hp["lr"], eval_every=common["eval_every"],
+                       eval_batches=common["eval_batches"], seed=spec["seed"],
+                       device=common["device"], compile=common["compile"],
+                       compile_mode=common["compile_mode"], progress=common["progress"],
+                       **SHARED_HPARAMS)
+    result = train(mcfg, tcfg, data, peak_tflops=common.get("peak_tflops"),
+                   label=f"{spec['size']}/{spec['label']}/s{spec['seed']}")
+    result.pop("model")
+    result.update(size=spec["size"], variant=spec["label"], seed=spec["seed"],
+                  hparams={**hp, **SHARED_HPARAMS}, concurrent_jobs=common["jobs"],
+                  best_val_ppl=math.exp(result["best_val_loss"]),
+                  final_val_ppl=math.exp(result["final_val_loss"]))
+    atomic_write_json(Path(common["run_dir"]) / "runs" / f"{spec['size']}-{spec['label']}-"
+                      f"s{spec['seed']}.json", result)
+    print(f"  done {result['label']}: best val {result['best_val_loss']:.4f} "
+          f"(ppl {result['best_val_ppl']:.3f}) {result['ms_per_step'] or float('nan'):.1f} ms/step "
+          f"{result['wall_s']:.1f} s", flush=True)
+    return result
+
+
+def execute(specs: list[dict], args, kind: str) -> tuple[Path, list[dict], dict]:
+    """Train every spec (concurrently with --jobs), then time inference per architecture alone on
+    the idle device. Returns the run folder, the results and the shared record."""
+    t0 = time.perf_counter()
+    from sqt.train import resolve_device
+    device = resolve_device(args.device)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(args.out) / kind / (stamp + (f"-{args.tag}" if args.tag else ""))
+    peak = matmul_peak_tflops(device)
+    record = {**run_record(device), "matmul_peak_tflops": peak,
+              "peak_dtype": "bfloat16" if device.type == "cuda" else "float32"}
+    jobs = max(1, args.jobs)
+    common = {"data": args.data, "steps": args.steps, "batch_size": args.batch_size,
+              "seq_len": args.seq_len, "lr": args.lr, "dropout": args.dropout,
+              "eval_every": args.eval_every or max(1, args.steps // 8),
+              "eval_batches": args.eval_batches, "device": str(device),
+              "compile": False if args.no_compile else None, "compile_mode": args.compile_mode,
+              "progress": False if (jobs > 1 or args.no_progress) else None, "jobs": jobs,
+              "peak_tflops": peak, "run_dir": str(run_dir),
+              "threads": max(1, (os.cpu_count() or 1) // jobs) if device.type == "cpu" and
+              jobs > 1 else None}
+    print(f"{kind}: {len(specs)} runs on {record['device']} (torch {record['torch']}), "
+          f"jobs={jobs}, measured matmul peak {peak:.1f} TFLOP/s -> {run_dir}", flush=True)
+    if jobs == 1:
+        results = [run_one(s, common) for s in specs]
+    else:
+        # Biggest models first, so the longest runs are not the last to start. Workers are spawned
+        # (CUDA cannot fork); runs of one shape share inductor's on-disk compile cache.
+        order = sorted(specs, key=lambda s: -SIZES.index(s["size"]) if s["size"] in SIZES else 0)
+        ctx = torch.multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+            futures = [(s, pool.submit(run_one, s, common)) for s in order]
+            done = {id(s): f.result() for s, f in futures}
+        results = [done[id(s)] for s in specs]
+    train_wall = time.perf_counter() - t0
+
+    latency = {}
+    if not args.no_latency:
+        from .latency import measure_latency
+        for r in results:
+            key = (r["size"], r["variant"])
+            if key not in latency:
+                from sqt.config import LMConfig
+                latency[key] = measure_latency(LMConfig.from_dict(r["model_config"]), device,
+                                               compile=args.latency_compile)
+        for r in results:
+            r["latency"] = latency[(r["size"], r["variant"])]
+            atomic_write_json(run_dir / "runs" / f"{r['size']}-{r['variant']}-s{r['seed']}.json",
+                              r)
+    record.update(total_wall_s=time.perf_counter() - t0, train_wall_s=train_wall, jobs=jobs,
+                  command="python -m bench." + kind + " " + " ".join(sys.argv[1:]))
+    return run_dir, results, record
+
+
+def mean_std(values) -> dict:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+
+
+def aggregate(results: list[dict]) -> list[dict]:
+    """One row per (size, variant): mean and std over seeds."""
+    groups: dict = {}
+    for r in results:
+        groups.setdefault((r["size"], r["variant"]), []).append(r)
+    rows = []
+    for (size, variant), rs in groups.items():
+        lat = rs[0].get("latency") or {}
+        rows.append({
+            "size": size, "variant": variant, "params": rs[0]["params"], "seeds": len(rs),
+            "layers": rs[0]["model_config"]["layers"], "hparams": rs[0]["hparams"],
+            **{k: mean_std([r[k] for r in rs]) for k in (
+                "best_val_loss", "final_val_loss", "best_val_ppl", "final_val_ppl",
+                "best_val_acc", "final_val_acc", "ms_per_step", "tokens_per_s", "mfu",
+                "achieved_tflops")},
+            "forward_ms": lat.get("forward_ms"), "decode_ms_per_token": lat.get("decode_ms_per_token"),
+            "latency_dtype": lat.get("dtype"), "latency_compiled": lat.get("compiled_forward"),
+            "train_compiled": rs[0]["compiled"], "train_dtype": rs[0]["dtype"],
+        })
+    return rows
+
+
+def fmt(ms: dict, digits: int = 2, scale: float = 1.0) -> str:
+    if ms is None or ms.get("mean") is None:
+        return "-"
+    s = f"{ms['mean'] * scale:.{digits}f}"
+    return s + (f" ± {ms['std'] * scale:.{digits}f}" if ms["n"] > 1 else "")
+
+
+def pct(new, old) -> str:
+    return "-" if new is None or old is None else f"{100 * (new / old - 1):+.1f} %"
+
+
+def params_str(n: int) -> str:
+    return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.0f} k"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def seed_table(rows: list[dict], baseline: str) -> str:
+    """The seed README's table: each variant against the baseline of its size."""
+    by = {(r["size"], r["variant"]): r for r in rows}
+    out = []
+    for r in rows:
+        base = by.get((r["size"], baseline))
+        if base is None or r["variant"] == baseline:
+            continue
+        bb, vb = base["best_val_ppl"]["mean"], r["best_val_ppl"]["mean"]
+        bf, vf = base["final_val_ppl"]["mean"], r["final_val_ppl"]["mean"]
+        out.append([r["size"], r["variant"], f"{params_str(base['params'])} / "
+                    f"{params_str(r['params'])}", fmt(base["best_val_ppl"], 3),
+                    fmt(r["best_val_ppl"], 3), pct(vb, bb), fmt(base["final_val_ppl"], 3),
+                    fmt(r["final_val_ppl"], 3), pct(vf, bf),
+                    pct(r["forward_ms"], base["forward_ms"]),
+                    pct(r["decode_ms_per_token"], base["decode_ms_per_token"])])
+    return table(["size", "variant", "params (base / variant)", f"{baseline} ppl (best)",
+                  "variant ppl (best)", "Δ ppl", f"{baseline} ppl (final)", "variant ppl (final)",
+                  "Δ ppl (final)", "forward latency", "decode latency"], out)
+
+
+def quality_table(rows: list[dict]) -> str:
+    out = [[r["size"], r["variant"], params_str(r["params"]), fmt(r["best_val_loss"], 4),
+            fmt(r["best_val_ppl"], 3), fmt(r["best_val_acc"], 2, 100), fmt(r["ms_per_step"], 2),
+            str(r["seeds"])] for r in rows]
+    return table(["size", "variant", "params", "best val loss (nats)", "best val ppl",
+                  "val accuracy (%)", "ms / train step", "seeds"], out)
+
+
+def speed_table(rows: list[dict]) -> str:
+    out = [[r["size"], r["variant"], fmt(r["ms_per_step"], 2), fmt(r["tokens_per_s"], 0),
+            fmt(r["mfu"], 1, 100), fmt(r["achieved_tflops"], 2),
+            "-" if r["forward_ms"] is None else f"{r['forward_ms']:.3f}",
+            "-" if r["decode_ms_per_token"] is None else f"{r['decode_ms_per_token']:.3f}"]
+           for r in rows]
+    return table(["size", "variant", "ms / train step", "tokens / s", "MFU (%)", "TFLOP/s",
+                  "forward ms (1×256)", "decode ms / token"], out)
+
+
+def speed_note(rows: list[dict], record: dict) -> str:
+    r = rows[0] if rows else {}
+    return (f"Training: {r.get('train_dtype')} autocast, compiled={r.get('train_compiled')}, "
+            f"{record['jobs']} concurrent job(s) on one device"
+            + (" (step times are shared-device throughput, not isolated; use --jobs 1 for "
+               "isolated step times)" if record["jobs"] > 1 else "")
+            + f". MFU against the measured {record['peak_dtype']} matmul peak of "
+            f"{record['matmul_peak_tflops']:.1f} TFLOP/s. Inference: batch 1, weights in "
+            f"{r.get('latency_dtype')}, forward compiled={r.get('latency_compiled')}, decode "
+            "eager with the KV cache; medians after warm-up.")
+
+
+def plot_curves(results: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed; skipping the learning-curve plot "
+              "(pip install 'sqt[plot]')")
+        return False
+    sizes = list(dict.fromkeys(r["size"] for r in results))
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
+    for ax, size in zip(axes[0], sizes):
+        for i, variant in enumerate(dict.fromkeys(r["variant"] for r in results
+                                                  if r["size"] == size)):
+            rs = [r for r in results if r["size"] == size and r["variant"] == variant]
+            steps = [c["step"] for c in rs[0]["curves"]]
+            for key, style in (("val_loss", "-"), ("train_loss", ":")):
+                ys = [statistics.fmean(r["curves"][j][key] for r in rs) for j in range(len(steps))]
+                ax.plot(steps, ys, style, color=f"C{i}",
+                        label=f"{variant} {'val' if key == 'val_loss' else 'train'}")
+        ax.set_title(size)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats / char)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--seeds", type=int, default=1, help="seeds per (size, variant): 0..N-1")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=None, help="override the per-size learning rate")
+    p.add_argument("--dropout", type=float, default=None, help="override the per-size dropout")
+    p.add_argument("--eval-every", type=int, default=None, help="default: steps / 8")
+    p.add_argument("--eval-batches", type=int, default=20)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-compile", action="store_true", help="train eagerly (default: compiled "
+                   "on CUDA, eager on CPU)")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode for training")
+    p.add_argument("--latency-compile", action="store_true",
+                   help="compile the forward whose latency is timed")
+    p.add_argument("--no-latency", action="store_true", help="skip the inference timings")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs trained concurrently, as worker processes on the same device")
+    p.add_argument("--data", default="tinyshakespeare",
+                   help="'tinyshakespeare' (bundled) or a path to a UTF-8 text file")
+    p.add_argument("--out", default="bench/results")
+    p.add_argument("--tag", default=None, help="suffix of the run folder's name")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-plot", action="store_true")
+
+
+def check_args(args) -> None:
+    for name in ("steps", "seeds", "jobs", "batch_size", "seq_len", "eval_batches"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)}: expected >= 1")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.sweep", description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", nargs="+", default=["tiny", "small", "medium"], choices=SIZES)
+    p.add_argument("--variants", nargs="+", default=["mha", "sqt"],
+                   help=f"variant names ({', '.join(VARIANTS)}) or layer specs; the first "
+                   "(or mha when listed) is the baseline")
+    common_args(p)
+    args = p.parse_args(argv)
+    try:
+        check_args(args)
+        for size in args.sizes:  # validate every variant at every size before training anything
+            for v in args.variants:
+                param_count(preset(size, layers=v))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    baseline = "mha" if "mha" in args.variants else args.variants[0]
+    specs = [{"size": s, "label": v, "layers": v, "seed": seed} for s in args.sizes
+             for v in args.variants for seed in range(args.seeds)]
+    try:
+        run_dir, results, record = execute(specs, args, "sweep")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rows = aggregate(results)
+    plotted = not args.no_plot and plot_curves(results, run_dir / "curves.png")
+    summary = {"kind": "sweep", "run_record": record, "baseline": baseline,
+               "sizes": args.sizes, "variants": args.variants, "seeds": args.seeds,
+               "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
+               "hparams": {s: SIZE_HPARAMS.get(s) for s in args.sizes}, "shared": SHARED_HPARAMS,
+               "overrides": {"lr": args.lr, "dropout": args.dropout},
+               "rows": rows, "runs": sorted(str(p.relative_to(run_dir)) for p in
+                                            (run_dir / "runs").glob("*.json")),
+               "plot": "curves.png" if plotted else None}
+    atomic_write_json(run_dir / "summary.json", summary)
+    print(f"\nSize sweep ({args.steps} steps, batch {args.batch_size} x {args.seq_len}, "
+          f"{args.seeds} seed(s); mean ± std over seeds)\n")
+    print(seed_table(rows, baseline))
+    print("\nVariant quality\n")
+    print(quality_table(rows))
+    print("\nSpeed\n")
+    print(speed_table(rows))
+    print("\n" + speed_note(rows, record))
+    print(f"\nSweep wall time {record['total_wall_s']:.1f} s (training {record['train_wall_s']:.1f}"
+          f" s, incl. compilation and evaluation). Summary: {run_dir / 'summary.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,357 @@
+"""Long-sequence throughput of the MHA / GQA / MQA / SQA family, measured the honest way: each
+case gets its own warm-up, cases run in a random order, CUDA-event timing with median and spread,
+the matmul peak measured in the same run, and the kernel that ran recorded from the profiler.
+
+    python -m bench.throughput                       # default grid, JSON + markdown + plot
+    python -m bench.throughput --seqs 1024,4096 --variants mha,sqa --modes forward --list
+
+Results go to bench/results/throughput_<time>.json (rewritten after every case, so a killed run
+keeps what it measured), with a .md table and a log-log .png beside it."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import pathlib
+import random
+import sys
+import time
+
+import torch
+
+from bench.common import atomic_write_json, matmul_peak_tflops, run_record, time_fn
+from bench.throughput_cases import (MODEL_FAMILIES, MODELS, OP_FAMILIES, SDPA_FORCE,
+                                    allow_many_recompiles, build_case, head_dim_of, n_heads_of,
+                                    profile_kernels)
+from bench.throughput_report import (PAPER_BATCH, analyse, markdown_section,  # noqa: F401
+                                     render_markdown, write_plot)
+from sqt.config import parse_layer
+from sqt.flops import attention_flops, forward_flops
+
+DEFAULT_SEQS = (1024, 4096, 32768, 131072, 200000)
+DEFAULT_VARIANTS = ("mha", "gqa", "mqa", "sqa", "ssqa", "xsqa", "xsmqa", "lsqa",
+                    "mha@128", "mha@4096", "sqa@128")
+DEFAULT_MODELS = ("paper", "attn16", "attn64", "attn128")
+# Forced SDPA kernels are only shown at the op level, where they answer "what can each kernel
+# reach"; the model-level sdpa family is pinned to one kernel by --sdpa-kernel.
+DEFAULT_OP_FAMILIES = ("sdpa-flash", "sdpa-cudnn", "flex")
+# FlexAttention is compiled per shape (heads, length, window): each flex case costs a compile of
+# seconds, a training one more (backward). The default grid keeps flex to the rows the report
+# compares on that family; `all` lifts a restriction. Every list is intersected with --variants.
+DEFAULT_SUBSETS = {
+    "flex_variants": ("mha", "sqa", "xsqa", "mha@128", "mha@4096", "sqa@128"),
+    "flex_train_variants": ("mha", "mha@128", "sqa@128"),
+    "op_variants": ("mha", "gqa", "sqa", "ssqa", "xsqa", "mha@128"),
+    "op_flex_variants": ("mha",),
+}
+MODE_COST = {"forward": 1.0, "train": 3.5}   # rough: backward ~2.5x forward for attention
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _check_choices(flag: str, values, accepted) -> None:
+    bad = [v for v in values if v not in accepted]
+    if bad:
+        raise ValueError(f"{flag}: unknown {', '.join(map(repr, bad))}; expected a comma list "
+                         f"from {', '.join(accepted)}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seqs", default=",".join(map(str, DEFAULT_SEQS)),
+                   help="sequence lengths (add 262144 for 256k where memory allows)")
+    p.add_argument("--batches", default="",
+                   help="batch per seq as seq:batch pairs; default the paper's (131072 tokens "
+                        "per step up to 32k, then 1)")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help="variant names, nq/nkv, '@W' for a sliding window")
+    p.add_argument("--modes", default="forward,train")
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                   help=f"from {', '.join(MODELS)}")
+    p.add_argument("--families", default=",".join(MODEL_FAMILIES),
+                   help="model-level attention backends (sdpa, flex)")
+    p.add_argument("--op-families", default=",".join(DEFAULT_OP_FAMILIES),
+                   help=f"op-level kernels, from {', '.join(OP_FAMILIES)}")
+    for name, default in DEFAULT_SUBSETS.items():
+        p.add_argument("--" + name.replace("_", "-"), default=",".join(default),
+                       help=f"subset of --variants for that part ('all' for every one)")
+    p.add_argument("--train-max-seq", type=int, default=131072,
+                   help="longest length for train mode (a 200k training step of every variant "
+                        "alone is minutes); 0 for no limit")
+    p.add_argument("--sdpa-kernel", default="auto", choices=("auto",) + SDPA_FORCE,
+                   help="SDPA kernel forced for the model-level sdpa family; auto = flash on "
+                        "CUDA (same kernel for every head layout), torch's choice on the CPU")
+    p.add_argument("--repeats", type=int, default=10, help="timed calls per case (at most)")
+    p.add_argument("--max-seconds", type=float, default=2.0,
+                   help="per case: stop repeating once this is exceeded and 3 samples exist")
+    p.add_argument("--budget-seconds", type=float, default=400.0,
+                   help="whole run: cases predicted not to fit are recorded as skipped")
+    p.add_argument("--profile", choices=("first", "all", "none"), default="first",
+                   help="profile kernels at each series' first successful length, or every case")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--peak-size", type=int, default=8192, help="matmul size for the peak")
+    p.add_argument("--out", default="bench/results")
+    p.add_argument("--list", action="store_true", help="print the planned cases and exit")
+    p.add_argument("--no-plot", action="store_true")
+    a = p.parse_args(argv)
+    a.seqs = [int(s) for s in _csv(a.seqs)]
+    if not a.seqs or min(a.seqs) < 1:
+        raise ValueError(f"--seqs={a.seqs}: expected positive integers")
+    a.batches = {int(k): int(v) for k, v in (kv.split(":") for kv in _csv(a.batches))}
+    for name in ("variants", "modes", "models", "families", "op_families"):
+        setattr(a, name, _csv(getattr(a, name)))
+    _check_choices("--modes", a.modes, ("forward", "train"))
+    _check_choices("--models", a.models, tuple(MODELS))
+    _check_choices("--families", a.families, MODEL_FAMILIES)
+    _check_choices("--op-families", a.op_families, OP_FAMILIES)
+    for v in a.variants:        # parse_layer's error lists the accepted names
+        for m in a.models:
+            parse_layer(v, n_heads_of(m))
+    for name in DEFAULT_SUBSETS:
+        value = getattr(a, name)
+        setattr(a, name, set(a.variants) if value == "all" else set(_csv(value)))
+    if a.repeats < 1:
+        raise ValueError(f"--repeats={a.repeats}: expected >= 1")
+    return a
+
+
+def batch_for(seq: int, overrides: dict) -> int:
+    if seq in overrides:
+        return overrides[seq]
+    return PAPER_BATCH.get(seq, max(1, 131072 // seq))
+
+
+def _wanted(a, op: bool, mode: str, family: str, variant: str, window) -> bool:
+    if window and family != "flex":
+        return False            # no sliding-window SDPA kernel: that row lives on flex
+    if op:
+        subset = a.op_flex_variants if family == "flex" else a.op_variants
+    elif family == "flex":
+        subset = a.flex_train_variants if mode == "train" else a.flex_variants
+    else:
+        return True
+    return variant in subset
+
+
+def plan(a) -> list[dict]:
+    """Every case, grouped in blocks of one (mode, seq). Forward blocks first (the criteria are
+    forward), each mode cheapest first, so the long cases come last and a budget cut hits them;
+    the order inside a block is random."""
+    blocks: dict[tuple, list] = {}
+    for model in a.models:
+        op = MODELS[model]["kind"] == "op"
+        for mode in (["forward"] if op else a.modes):
+            for family in (a.op_families if op else a.families):
+                for variant in a.variants:
+                    window = parse_layer(variant, n_heads_of(model)).window
+                    if not _wanted(a, op, mode, family, variant, window):
+                        continue
+                    for seq in a.seqs:
+                        if mode == "train" and a.train_max_seq and seq > a.train_max_seq:
+                            continue
+                        blocks.setdefault((mode, seq), []).append(dict(
+                            model=model, part="op" if op else "model", mode=mode,
+                            family=family, variant=variant, seq=seq,
+                            batch=batch_for(seq, a.batches)))
+    rng = random.Random(a.seed)
+
+    def cost(key):
+        mode, seq = key
+        return MODE_COST[mode] * batch_for(seq, a.batches) * seq * seq
+    cases = []
+    for key in sorted(blocks, key=lambda k: (k[0] != "forward", cost(k))):
+        block = blocks[key]
+        rng.shuffle(block)
+        cases.extend(block)
+    for i, c in enumerate(cases):
+        c["order"] = i
+    return cases
+
+
+def series_key(c: dict) -> tuple:
+    return (c["part"], c["model"], c["mode"], c["family"], c["variant"])
+
+
+def _work(c: dict) -> float:
+    """Relative work of a case, for predicting a longer case from a shorter one of its series."""
+    if c["part"] == "op":
+        spec = parse_layer(c["variant"], n_heads_of(c["model"]))
+        return attention_flops(spec, head_dim_of(c["model"]), c["batch"], c["seq"])
+    from bench.throughput_cases import model_config
+    cfg = model_config(c["model"], c["seq"], c["family"]).with_layers(c["variant"])
+    return forward_flops(cfg, c["batch"], c["seq"])
+
+
+def _release(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_case(c: dict, a, device, profile: bool) -> dict:
+    """Build, warm up, time and (optionally) profile one case. Never raises for an OOM or a
+    kernel that refuses the shape: the outcome is the record."""
+    oom_error = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    case = None
+    try:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        case = build_case(c["model"], c["mode"], c["family"], c["variant"], c["seq"],
+                          c["batch"], device, a.sdpa_force, a.seed + c["order"])
+        t0 = time.perf_counter()
+        case.fn()                                 # first call: compiles flex, allocates
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        first = time.perf_counter() - t0
+        # The first call is a warm-up already; short steps get more (clocks, allocator), and a
+        # flex step one more after its compile. Long steps are dominated by the kernel itself.
+        warm = 3 if first < 0.25 else (1 if c["family"] == "flex" or first < 1.0 else 0)
+        t = time_fn(case.fn, device, warmup=warm, repeats=a.repeats, max_seconds=a.max_seconds)
+        out = {"status": "ok", "timing": t, "seconds": t["median_ms"] / 1e3,
+               "first_call_s": first, "warmup_calls": 1 + warm}
+        if device.type == "cuda":
+            out["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if profile:
+            out.update(profile_kernels(case.fn, device))
+    except oom_error as e:
+        out = {"status": "oom", "reason": str(e).splitlines()[0][:300]}
+    except (RuntimeError, ValueError, NotImplementedError) as e:
+        # e.g. a forced SDPA kernel that does not support the shape: recorded, run goes on.
+        msg = str(e).strip().splitlines()
+        out = {"status": "error", "reason": f"{type(e).__name__}: {(msg or [''])[0][:300]}"}
+    finally:
+        spec_info = None
+        if case is not None:
+            spec_info = dict(spec=case.spec.name, n_q_heads=case.spec.n_q_heads,
+                             n_kv_heads=case.spec.n_kv_heads, window=case.spec.window,
+                             head_dim=case.head_dim, attn_flops=case.attn_flops,
+                             step_flops=case.step_flops, **case.info)
+        del case
+        _release(device)
+    if spec_info:
+        out.update(spec_info)
+    return out
+
+
+def _skip_reason(c, elapsed, a, done) -> str | None:
+    """Predict a case from the last result of its series; skip what cannot fit the budget, or
+    what must run out of memory (a shorter case with no more tokens and no more T^2 did)."""
+    prev = done.get(series_key(c))
+    left = a.budget_seconds - elapsed
+    if left <= 0:
+        return f"budget: {a.budget_seconds:.0f} s used up"
+    if prev is None:
+        return None
+    if prev["status"] == "oom":
+        if (c["batch"] * c["seq"] >= prev["batch"] * prev["seq"]
+                and c["batch"] * c["seq"] ** 2 >= prev["batch"] * prev["seq"] ** 2):
+            return f"out of memory already at seq {prev['seq']} (batch {prev['batch']})"
+        return None
+    if prev["status"] != "ok":
+        return None
+    per_call = prev["seconds"] * _work(c) / _work(prev)
+    predicted = per_call * (2 + 3)       # first call + a warm-up + the minimum 3 samples
+    if c["family"] == "flex":            # a new shape compiles again, about as long as before
+        predicted += max(0.0, prev["first_call_s"] - prev["seconds"])
+    if predicted > left:
+        return (f"budget: predicted {predicted:.1f} s from seq {prev['seq']}, "
+                f"{left:.1f} s left")
+    return None
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    device = torch.device(a.device)
+    a.sdpa_force = ("flash" if device.type == "cuda" else "none") \
+        if a.sdpa_kernel == "auto" else a.sdpa_kernel
+    cases = plan(a)
+    if a.list:
+        for c in cases:
+            print(f"{c['order']:4d} {c['mode']:7s} {c['model']:8s} {c['family']:14s} "
+                  f"{c['variant']:9s} seq={c['seq']} batch={c['batch']}")
+        print(f"{len(cases)} cases")
+        return {"cases": cases}
+    allow_many_recompiles()
+    torch.manual_seed(a.seed)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    out_dir = pathlib.Path(a.out)
+    json_path = out_dir / f"throughput_{stamp}.json"
+    start = time.perf_counter()
+    peak_start = matmul_peak_tflops(device, n=a.peak_size)
+    result = {
+        "benchmark": "throughput", "schema": 1, "run": run_record(device),
+        "settings": {
+            "argv": list(sys.argv[1:] if argv is None else argv),
+            "seqs": a.seqs, "variants": a.variants, "modes": a.modes, "models": a.models,
+            "families": a.families, "op_families": a.op_families,
+            **{name: sorted(getattr(a, name)) for name in DEFAULT_SUBSETS},
+            "train_max_seq": a.train_max_seq, "sdpa_kernel": a.sdpa_force,
+            "repeats": a.repeats, "max_seconds": a.max_seconds,
+            "budget_seconds": a.budget_seconds, "seed": a.seed,
+            "forward": "model.eval(), torch.inference_mode(), bf16 autocast (fp32 weights)",
+            "train": "model.train() dropout 0, bf16 autocast, cross-entropy, backward, "
+                     "fused AdamW step, zero_grad",
+            "op": "sqt.kernels.attend on random bf16 q/k/v, causal, inference_mode",
+            "compiled": "model not compiled (eager PyTorch); FlexAttention compiled per shape "
+                        "by sqt.kernels (compile time excluded: first call)",
+        },
+        "models": {m: dict(MODELS[m], n_heads=n_heads_of(m), head_dim=head_dim_of(m))
+                   for m in a.models},
+        "matmul_peak_tflops": {"start": peak_start},
+        "cases": [], "complete": False,
+    }
+    done: dict[tuple, dict] = {}
+    profiled: set = set()
+    for c in cases:
+        elapsed = time.perf_counter() - start
+        reason = _skip_reason(c, elapsed, a, done)
+        if reason:
+            rec = {**c, "status": "skipped", "reason": reason}
+        else:
+            want_profile = a.profile == "all" or (a.profile == "first"
+                                                  and series_key(c) not in profiled)
+            rec = {**c, **run_case(c, a, device, want_profile)}
+            if "kernel_family" in rec:
+                profiled.add(series_key(c))
+            done[series_key(c)] = rec
+        result["cases"].append(rec)
+        _print_case(rec)
+        result["elapsed_s"] = time.perf_counter() - start
+        atomic_write_json(json_path, result)
+    result["matmul_peak_tflops"]["end"] = matmul_peak_tflops(device, n=a.peak_size)
+    result["elapsed_s"] = time.perf_counter() - start
+    result["complete"] = True
+    analysis = analyse(result)
+    result.update(analysis)
+    atomic_write_json(json_path, result)
+    md = render_markdown(result)
+    (json_path.with_suffix(".md")).write_text(md)
+    plot_note = "skipped (--no-plot)" if a.no_plot else write_plot(result,
+                                                                  json_path.with_suffix(".png"))
+    print()
+    for line in analysis["criteria_lines"]:
+        print(line)
+    print(f"\nwrote {json_path} (+ .md; plot: {plot_note}) in {result['elapsed_s']:.0f} s")
+    return result
+
+
+def _print_case(r: dict) -> None:
+    head = (f"[{r['order']:3d}] {r['mode']:7s} {r['model']:7s} {r['family']:14s} "
+            f"{r['variant']:9s} {r['seq']:>6d}x{r['batch']:<3d} ")
+    if r["status"] != "ok":
+        print(head + f"{r['status'].upper()}: {r.get('reason', '')}", flush=True)
+        return
+    t = r["timing"]
+    tflops = r["step_flops"] / r["seconds"] / 1e12
+    mem = f" {r['peak_mem_gib']:.1f} GiB" if "peak_mem_gib" in r else ""
+    kern = f" [{r['kernel_family']}]" if "kernel_family" in r else ""
+    print(head + f"{r['seconds']:.4f} s (IQR {t['q1_ms']/1e3:.4f}-{t['q3_ms']/1e3:.4f}, "
+          f"n={t['n']}) {tflops:.1f} TFLOP/s{mem}{kern}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
