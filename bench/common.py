@@ -65,3 +65,16 @@ def matmul_peak_tflops(device, dtype=torch.bfloat16, n: int = 8192, repeats: int
     b = torch.randn(n, n, device=device, dtype=dtype)
     stats = time_fn(lambda: a @ b, device, warmup=5, repeats=repeats)
     return 2 * n ** 3 / (stats["median_ms"] * 1e-3) / 1e12
+
+
+def copy_bandwidth_gbs(device, nbytes: int = 1 << 30, repeats: int = 10) -> float:
+    """The measured device-to-device copy rate in GB/s, counting the bytes read plus the bytes
+    written: the ceiling that memory-bound work (a decode step reads every weight and the K/V
+    cache once) is compared against. Smaller on the CPU, where the number is only indicative."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        nbytes = min(nbytes, 64 << 20)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    stats = time_fn(lambda: dst.copy_(src), device, warmup=3, repeats=repeats)
+    return 2 * src.numel() * 4 / (stats["median_ms"] * 1e-3) / 1e9

@@ -52,6 +52,12 @@ def model_config(size: str, layers, vocab_size: int, dropout: float, seq_len: in
                   max_seq_len=max(seq_len, PRESETS[size]["max_seq_len"]))
 
 
+def run_json(run_dir: Path, r: dict) -> Path:
+    """Where one run's JSON lives; layer specs like `4/2` or `table:xsqa` made file-name safe."""
+    name = f"{r['size']}-{r['variant']}-s{r['seed']}".replace("/", "_").replace(":", "-")
+    return run_dir / "runs" / f"{name}.json"
+
+
 def run_one(spec: dict, common: dict) -> dict:
     """Train one run and write its JSON. Runs in a worker process when --jobs > 1."""
     from sqt.train import TrainConfig, train
@@ -69,6 +75,7 @@ def run_one(spec: dict, common: dict) -> dict:
                        eval_batches=common["eval_batches"], seed=spec["seed"],
                        device=common["device"], compile=common["compile"],
                        compile_mode=common["compile_mode"], progress=common["progress"],
+                       cuda_graph=common.get("cuda_graph"),
                        **SHARED_HPARAMS)
     result = train(mcfg, tcfg, data, peak_tflops=common.get("peak_tflops"),
                    label=f"{spec['size']}/{spec['label']}/s{spec['seed']}")
@@ -77,8 +84,7 @@ def run_one(spec: dict, common: dict) -> dict:
                   hparams={**hp, **SHARED_HPARAMS}, concurrent_jobs=common["jobs"],
                   best_val_ppl=math.exp(result["best_val_loss"]),
                   final_val_ppl=math.exp(result["final_val_loss"]))
-    atomic_write_json(Path(common["run_dir"]) / "runs" / f"{spec['size']}-{spec['label']}-"
-                      f"s{spec['seed']}.json", result)
+    atomic_write_json(run_json(Path(common["run_dir"]), result), result)
     print(f"  done {result['label']}: best val {result['best_val_loss']:.4f} "
           f"(ppl {result['best_val_ppl']:.3f}) {result['ms_per_step'] or float('nan'):.1f} ms/step "
           f"{result['wall_s']:.1f} s", flush=True)
@@ -102,12 +108,13 @@ def execute(specs: list[dict], args, kind: str) -> tuple[Path, list[dict], dict]
               "eval_every": args.eval_every or max(1, args.steps // 8),
               "eval_batches": args.eval_batches, "device": str(device),
               "compile": False if args.no_compile else None, "compile_mode": args.compile_mode,
+              "cuda_graph": False if args.no_cuda_graph else None,
               "progress": False if (jobs > 1 or args.no_progress) else None, "jobs": jobs,
               "peak_tflops": peak, "run_dir": str(run_dir),
               "threads": max(1, (os.cpu_count() or 1) // jobs) if device.type == "cpu" and
               jobs > 1 else None}
     print(f"{kind}: {len(specs)} runs on {record['device']} (torch {record['torch']}), "
-          f"jobs={jobs}, measured matmul peak {peak:.1f} TFLOP/s -> {run_dir}", flush=True)
+          f"jobs={jobs}, measured matmul peak {peak:.3g} TFLOP/s -> {run_dir}", flush=True)
     if jobs == 1:
         results = [run_one(s, common) for s in specs]
     else:
@@ -132,8 +139,7 @@ def execute(specs: list[dict], args, kind: str) -> tuple[Path, list[dict], dict]
                                                compile=args.latency_compile)
         for r in results:
             r["latency"] = latency[(r["size"], r["variant"])]
-            atomic_write_json(run_dir / "runs" / f"{r['size']}-{r['variant']}-s{r['seed']}.json",
-                              r)
+            atomic_write_json(run_json(run_dir, r), r)
     record.update(total_wall_s=time.perf_counter() - t0, train_wall_s=train_wall, jobs=jobs,
                   command="python -m bench." + kind + " " + " ".join(sys.argv[1:]))
     return run_dir, results, record
@@ -162,7 +168,8 @@ def aggregate(results: list[dict]) -> list[dict]:
                 "best_val_loss", "final_val_loss", "best_val_ppl", "final_val_ppl",
                 "best_val_acc", "final_val_acc", "ms_per_step", "tokens_per_s", "mfu",
                 "achieved_tflops")},
-            "forward_ms": lat.get("forward_ms"), "decode_ms_per_token": lat.get("decode_ms_per_token"),
+            "forward_ms": lat.get("forward_ms"),
+            "decode_ms_per_token": lat.get("decode_ms_per_token"),
             "latency_dtype": lat.get("dtype"), "latency_compiled": lat.get("compiled_forward"),
             "train_compiled": rs[0]["compiled"], "train_dtype": rs[0]["dtype"],
         })
@@ -230,14 +237,19 @@ def speed_table(rows: list[dict]) -> str:
 
 def speed_note(rows: list[dict], record: dict) -> str:
     r = rows[0] if rows else {}
-    return (f"Training: {r.get('train_dtype')} autocast, compiled={r.get('train_compiled')}, "
-            f"{record['jobs']} concurrent job(s) on one device"
+    precision = ("bfloat16 autocast" if r.get("train_dtype") == "bfloat16"
+                 else f"{r.get('train_dtype')}, no autocast")
+    note = (f"Training: {precision}, compiled={r.get('train_compiled')}, {record['jobs']} "
+            "concurrent job(s) on one device"
             + (" (step times are shared-device throughput, not isolated; use --jobs 1 for "
                "isolated step times)" if record["jobs"] > 1 else "")
             + f". MFU against the measured {record['peak_dtype']} matmul peak of "
-            f"{record['matmul_peak_tflops']:.1f} TFLOP/s. Inference: batch 1, weights in "
-            f"{r.get('latency_dtype')}, forward compiled={r.get('latency_compiled')}, decode "
-            "eager with the KV cache; medians after warm-up.")
+            f"{record['matmul_peak_tflops']:.3g} TFLOP/s. ")
+    if r.get("forward_ms") is None:
+        return note + "Inference latency not measured (--no-latency)."
+    return note + (f"Inference: batch 1, weights in {r.get('latency_dtype')}, forward "
+                   f"compiled={r.get('latency_compiled')}, decode eager with the KV cache; "
+                   "medians after warm-up.")
 
 
 def plot_curves(results: list[dict], path: Path) -> bool:
@@ -285,6 +297,8 @@ def common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-compile", action="store_true", help="train eagerly (default: compiled "
                    "on CUDA, eager on CPU)")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode for training")
+    p.add_argument("--no-cuda-graph", action="store_true",
+                   help="on CUDA, launch every step's kernels instead of replaying one captured graph")
     p.add_argument("--latency-compile", action="store_true",
                    help="compile the forward whose latency is timed")
     p.add_argument("--no-latency", action="store_true", help="skip the inference timings")

@@ -46,6 +46,11 @@ def label(v: str) -> str:
     return LABEL.get(v, v)
 
 
+def _variant_order(v: str):
+    order = list(LABEL)
+    return (order.index(v) if v in order else len(order), v)
+
+
 def _key(c: dict) -> tuple:
     return (c["part"], c["model"], c["mode"], c["family"], c["seq"], c["variant"])
 
@@ -98,7 +103,8 @@ def _expected_family(family: str, sdpa_force: Optional[str]) -> Optional[str]:
 
 def _crit(name, measured, target, passed, note="") -> dict:
     status = "N/A" if passed is None else ("PASS" if passed else "MISS")
-    return {"name": name, "measured": measured, "target": target, "status": status, "note": note}
+    return {"name": name, "measured": measured or "not measured", "target": target,
+            "status": status, "note": note or ""}
 
 
 def criteria(result: dict, cases: list[dict]) -> list[dict]:
@@ -123,10 +129,11 @@ def criteria(result: dict, cases: list[dict]) -> list[dict]:
     mha_paper = PAPER_TABLE3["rows"].get(s, [None] * 7)[-1]
     for fam in ("sdpa", "flex"):
         m = t("paper", fam, "mha")
-        out.append(_crit(f"MHA absolute time, paper model, forward, seq {s}, {fam}",
-                         m and f"{m:.4f} s ({m / mha_paper:.2f}x the paper's)"
-                         if m and mha_paper else m and f"{m:.4f} s",
-                         f"well under the paper's {mha_paper} s (<= 0.5x)",
+        measured = m and (f"{m:.4f} s ({m / mha_paper:.2f}x the paper's)" if mha_paper
+                          else f"{m:.4f} s")
+        out.append(_crit(f"MHA absolute time, paper model, forward, seq {s}, {fam}", measured,
+                         f"well under the paper's {mha_paper} s (<= 0.5x)" if mha_paper
+                         else "the paper has no figure at this length",
                          None if not (m and mha_paper) else m <= 0.5 * mha_paper))
     for model in ("attn128", "attn64", "attn16"):
         per_seq = []
@@ -203,7 +210,7 @@ def _cell(c: Optional[dict], op: bool, peak: float) -> str:
     if c["status"] != "ok":
         return {"oom": "OOM", "skipped": "skipped", "error": "error"}.get(c["status"], c["status"])
     if op:
-        return f"{c['seconds'] * 1e3:.2f} ms, {tflops(c):.0f} TF ({tflops(c) / peak:.0%})"
+        return f"{c['seconds'] * 1e3:.3g} ms, {tflops(c):.3g} TF ({tflops(c) / peak:.0%})"
     sp = f", {c['vs_mha']:.2f}x" if c.get("vs_mha") else ""
     mem = f", {c['peak_mem_gib']:.1f} GiB" if "peak_mem_gib" in c else ""
     return f"{c['seconds']:.4f}{sp}{mem}"
@@ -236,6 +243,8 @@ def _paper_tables(cases, seqs) -> list[str]:
             speed.append([name] + [f"{paper[-1] / p:.2f}x / " +
                                    (f"{m['vs_mha']:.2f}x" if m and m.get("vs_mha") else "—")
                                    for p, m in zip(paper, ok)])
+        if not secs:
+            continue
         hdr = ["seq (batch)"] + [label(v) for v in cols]
         out += [f"**Seconds per forward step, paper / ours** — ours: {note}.", ""]
         out += _table(hdr, secs) + ["", f"**Speedup over MHA, paper / ours** ({fam}).", ""]
@@ -258,11 +267,17 @@ def render_markdown(result: dict) -> str:
          f"{n_skip} skipped by the time budget" +
          ("" if result.get("complete") else " · **run incomplete (killed?)**"), "",
          f"Method: each case builds its model, runs its own warm-up, then up to {st['repeats']} "
-         f"CUDA-event-timed calls (at least 3; fewer past {st['max_seconds']} s); cases run in a "
-         "random order within each (mode, length) block; median shown, quartiles in the JSON. "
-         f"Forward: {st['forward']}. Train: {st['train']}. {st['compiled']}. "
-         f"Model-level SDPA family forced to the `{st['sdpa_kernel']}` kernel so every head "
-         "layout runs the same kernel. Attention FLOPs count causal pairs only.", "",
+         "timed calls (CUDA events on a GPU; at least 3, fewer once a case passes "
+         f"{st['max_seconds']} s); cases run in a random order within each (mode, length) "
+         "block; median shown, quartiles in the JSON. "
+         f"Forward: {st['forward']}. Train: {st['train']} (lengths up to "
+         f"{st.get('train_max_seq') or 'any'}). {st['compiled']}. Model-level SDPA family: " +
+         (f"forced to the `{st['sdpa_kernel']}` kernel so every head layout runs the same "
+          "kernel." if st['sdpa_kernel'] != "none" else "torch's own kernel choice (recorded).")
+         + " Attention FLOPs count causal pairs only. Flex rows are a subset of variants by "
+         "default (each new shape compiles); see `settings` in the JSON."
+         + (f" Log-log plot: `{result['plot']}`." if result.get("plot", "").endswith(".png")
+            else ""), "",
          "### Beside the paper's Table 3 (paper's claim: A100 40GB; ours: the device above)", ""]
     L += _paper_tables(cases, seqs)
     groups = sorted({(c["part"], c["model"], c["mode"], c["family"]) for c in cases},
@@ -275,8 +290,9 @@ def render_markdown(result: dict) -> str:
     for g in groups:
         part, model, mode, family = g
         rows = []
-        variants = list(dict.fromkeys(c["variant"] for c in cases if (c["part"], c["model"],
-                                      c["mode"], c["family"]) == g))
+        variants = sorted({c["variant"] for c in cases
+                           if (c["part"], c["model"], c["mode"], c["family"]) == g},
+                          key=_variant_order)
         by = {(c["seq"], c["variant"]): c for c in cases
               if (c["part"], c["model"], c["mode"], c["family"]) == g}
         for v in variants:
@@ -292,7 +308,7 @@ def render_markdown(result: dict) -> str:
     L += _table(["criterion", "measured", "target", ""],
                 [[k["name"], str(k["measured"]), k["target"], k["status"]]
                  for k in result["criteria"]]) + [""]
-    L += _reading(result["criteria"])
+    L += _reading(result["criteria"], result["matched"])
     return "\n".join(L) + "\n"
 
 
@@ -326,21 +342,37 @@ def _matched_md(rows: list[dict], seqs) -> list[str]:
     return out
 
 
-def _reading(crit: list[dict]) -> list[str]:
+def _equal_flop_reading(rows: list[dict]) -> list[str]:
+    """One data-driven line: pairs with equal attention FLOPs (theory 1.00x) at the longest
+    length measured for the paper model's forward pass, so KV size's own effect is visible."""
+    rows = [r for r in rows if r["model"] == "paper" and r["mode"] == "forward"
+            and r["head_ratio"] == 1.0]
+    if not rows:
+        return []
+    out = []
+    for fam in sorted({r["family"] for r in rows}):
+        sub = [r for r in rows if r["family"] == fam]
+        seq = max(r["seq"] for r in sub)
+        pairs = ", ".join(f"{label(r['variant'])}/{label(r['baseline'])} {r['measured']:.2f}x"
+                          for r in sub if r["seq"] == seq)
+        out.append(f"- Equal attention FLOPs, different KV size (paper model, forward, {fam}, "
+                   f"seq {seq:,}; theory 1.00x): {pairs}.")
+    return out
+
+
+def _reading(crit: list[dict], matched_rows: list[dict]) -> list[str]:
     out = ["### Reading", ""]
     for k in crit:
         verdict = {"PASS": "holds", "MISS": "does not hold", "N/A": "was not measured"}[
             k["status"]]
         out.append(f"- {k['name']}: {k['measured']} against {k['target']}: {verdict}."
                    + (f" {k['note']}." if k["note"] else ""))
-    out += ["- Head dim 16 (the paper's model) leaves attention far from the matmul peak by "
-            "construction: each query-key pair costs 4 x 16 = 64 matmul FLOPs but one "
-            "exponential, so the softmax (special-function units), not the tensor cores, bounds "
-            "the kernel; head dim 64 quadruples the FLOPs per exponential and 128 doubles it "
-            "again. The op-level rows give the measured rates.",
-            "- GQA and MQA share K/V but compute the same number of heads as MHA, so at long "
-            "sequences (compute-bound) they track MHA; SQA's gain is the head-count ratio "
-            "applied to the attention FLOPs, which the matched table shows directly.", ""]
+    out += ["- Why head dim 16 sits far below the matmul peak: each query-key pair costs "
+            "4 x 16 = 64 matmul FLOPs but one exponential, so the softmax (special-function "
+            "units), not the tensor cores, bounds the kernel; head dim 64 has 4x and 128 has 8x "
+            "the FLOPs per exponential. The op-level rows give the measured rates."]
+    out += _equal_flop_reading(matched_rows)
+    out.append("")
     return out
 
 

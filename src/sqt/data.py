@@ -64,7 +64,8 @@ class CharTokenizer:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CharTokenizer":
-        if not isinstance(d, dict) or d.get("type") != "char" or not isinstance(d.get("chars"), str):
+        ok = isinstance(d, dict) and d.get("type") == "char" and isinstance(d.get("chars"), str)
+        if not ok:
             got = d.get("type") if isinstance(d, dict) else type(d).__name__
             raise ValueError(f"tokenizer type={got!r}: expected {{'type': 'char', 'chars': str}}")
         return cls(d["chars"])

@@ -130,6 +130,21 @@ class DecodeEngine:
         self.logits.copy_(logits)
         return self.logits
 
+    def seek(self, length: int) -> None:
+        """Position the cache at `length` without a prefill, so the next step writes position
+        `length`. For benchmarks, which time long contexts without paying for their prefill:
+        earlier positions are filled with random keys and values (never zeros, which can run
+        faster than real data and would hide a step that reads nothing)."""
+        if isinstance(length, bool) or not isinstance(length, int) \
+                or not 1 <= length < self.max_len:
+            raise ValueError(f"seek({length!r}): expected an integer in 1..{self.max_len - 1}")
+        for buf in self.cache.k + self.cache.v:
+            buf[:, :, :length].normal_()
+        self.cache.decoding = False
+        self.cache.length = length
+        self.cache.decoding = True
+        self.length = length
+
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per sequence (B,) and return the next logits (B, V) (a static buffer,

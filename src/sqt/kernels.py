@@ -104,15 +104,23 @@ def _flex_fn(device: torch.device) -> Callable:
 
 
 def flex_block_mask(T: int, S: int, q_offset: int, window: Optional[int], device):
-    """Block-sparse mask for causal (+ window) attention; fully masked tiles are skipped."""
+    """Block-sparse mask for causal (+ window) attention; fully masked tiles are skipped. Built
+    once per shape and cached (building is set-up, not attention)."""
     from torch.nn.attention.flex_attention import create_block_mask
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     key = (T, S, q_offset, window, str(device))
     if key not in _block_masks:
         def mask_mod(b, h, q_idx, kv_idx):
             diff = q_idx + q_offset - kv_idx
             ok = diff >= 0
             return (ok & (diff < window)) if window else ok
-        _block_masks[key] = create_block_mask(mask_mod, None, None, T, S, device=device)
+        # Uncompiled, create_block_mask evaluates the mask over the dense (T, S) grid with int64
+        # intermediates (~8*T*S bytes: 128 GB at 131k tokens); compiled, it never materialises it.
+        long = device.type == "cuda" and T * S > 32768 * 32768
+        _block_masks[key] = create_block_mask(mask_mod, None, None, T, S, device=device,
+                                              _compile=long)
     return _block_masks[key]
 
 

@@ -46,7 +46,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"                  # auto: cuda when available
     compile: Optional[bool] = None        # None: on for CUDA, off for CPU
-    compile_mode: Optional[str] = None    # torch.compile mode (None, "max-autotune-no-cudagraphs", ...)
+    compile_mode: Optional[str] = None    # torch.compile mode: None (default), "reduce-overhead"...
+    cuda_graph: Optional[bool] = None     # capture the whole step as one CUDA graph; None: on CUDA
     dtype: str = "auto"                   # autocast dtype; auto: bfloat16 on CUDA, float32 on CPU
     out_dir: Optional[str] = None         # checkpoints and curves.jsonl; None: keep nothing
     checkpoint_every: int = 0             # 0: only the final checkpoint (when out_dir is set)
@@ -63,9 +64,11 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or \
                     (name == "lr" and v == 0):
-                raise ValueError(f"{name}={v!r}: expected a number {'> 0' if name == 'lr' else '>= 0'}")
+                bound = "> 0" if name == "lr" else ">= 0"
+                raise ValueError(f"{name}={v!r}: expected a number {bound}")
         if self.min_lr is not None and not (0 <= self.min_lr <= self.lr):
-            raise ValueError(f"min_lr={self.min_lr!r}: expected None or a number in [0, lr={self.lr}]")
+            raise ValueError(f"min_lr={self.min_lr!r}: expected None or a number in "
+                             f"[0, lr={self.lr}]")
         for name in ("beta1", "beta2"):
             if not (0 <= getattr(self, name) < 1):
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected a number in [0, 1)")
@@ -83,7 +86,8 @@ class TrainConfig:
 
 
 # Fields that may differ between a run and its resumption without changing the result.
-RESUME_FREE = ("device", "compile", "compile_mode", "out_dir", "checkpoint_every", "progress")
+RESUME_FREE = ("device", "compile", "compile_mode", "cuda_graph", "out_dir", "checkpoint_every",
+               "progress")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -105,9 +109,11 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device,
+                   graphed: bool = False):
     """AdamW; weight decay only on matmul weights. Norms, biases, embeddings and static query
-    tables/vectors (which are position embeddings by another name) are not decayed."""
+    tables/vectors (which are position embeddings by another name) are not decayed. A captured
+    step needs the learning rate as a device tensor and a capturable optimizer."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -117,26 +123,42 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
         (no_decay if p.dim() < 2 or embedding_like else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             fused=device.type == "cuda")
+    lr = torch.tensor(cfg.lr, device=device) if graphed else cfg.lr
+    return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2),
+                             fused=device.type == "cuda", capturable=graphed)
 
 
 class Sampler:
-    """Random training windows drawn on the data's device by its own generator: no host sync per
-    step, and a state that a checkpoint can save and restore exactly."""
+    """Training windows as a pure function of (seed, step): the start offsets for steps
+    k*CHUNK .. (k+1)*CHUNK-1 are drawn by a generator seeded with (seed, k). Resuming needs no
+    sampler state, and the lookup is indexed by a step counter on the device, so the whole training
+    step (batch included) can be captured once as a CUDA graph."""
+
+    CHUNK = 512
 
     def __init__(self, data: torch.Tensor, batch_size: int, seq_len: int, seed: int):
         if data.numel() <= seq_len + 1:
             raise ValueError(f"seq_len={seq_len}: the training split has only {data.numel()} "
                              "tokens; expected more than seq_len + 1")
-        self.data, self.B, self.T = data, batch_size, seq_len
-        self.gen = torch.Generator(device=data.device)
-        self.gen.manual_seed(seed)
+        self.data, self.B, self.T, self.seed = data, batch_size, seq_len, seed
         self.offsets = torch.arange(seq_len + 1, device=data.device)
+        self.table = torch.empty(self.CHUNK, batch_size, dtype=torch.long, device=data.device)
+        self.loaded = None
 
-    def next(self):
-        start = torch.randint(self.data.numel() - self.T - 1, (self.B,), device=self.data.device,
-                              generator=self.gen)
+    def prepare(self, step: int) -> None:
+        """Host side, before `step`: load the chunk of start offsets that holds it (in place, so a
+        captured graph sees the new values)."""
+        k = step // self.CHUNK
+        if k != self.loaded:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + k)
+            starts = torch.randint(self.data.numel() - self.T - 1, (self.CHUNK, self.B),
+                                   generator=gen)
+            self.table.copy_(starts)
+            self.loaded = k
+
+    def batch(self, step: torch.Tensor):
+        """(inputs, targets) for the step held in the 0-dim tensor `step`."""
+        start = self.table[step % self.CHUNK]
         chunk = self.data[start[:, None] + self.offsets]
         return chunk[:, :-1], chunk[:, 1:]
 
@@ -227,13 +249,17 @@ def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, resume: bool = False,
         torch.backends.cudnn.allow_tf32 = True
     dtype = DTYPES[cfg.dtype] or (torch.bfloat16 if cuda else torch.float32)
     use_compile = cuda if cfg.compile is None else cfg.compile
+    use_graph = cuda if cfg.cuda_graph is None else cfg.cuda_graph
+    if use_graph and not cuda:
+        raise ValueError(f"cuda_graph=True on device {str(device)!r}: CUDA graphs need a CUDA "
+                         "device")
     out = Path(cfg.out_dir) if cfg.out_dir else None
     if resume and out is None:
         raise ValueError("resume=True needs out_dir: the directory holding the checkpoint")
 
     torch.manual_seed(cfg.seed)
     model = TransformerLM(model_cfg).to(device)
-    opt = make_optimizer(model, cfg, device)
+    opt = make_optimizer(model, cfg, device, graphed=use_graph)
     sampler = Sampler(dataset.train.to(device), cfg.batch_size, cfg.seq_len, cfg.seed)
     val_x, val_y = fixed_batches(dataset.val, cfg.eval_batches, cfg.batch_size, cfg.seq_len, device)
     step, curves, best = 0, [], (math.inf, None)
@@ -249,13 +275,14 @@ def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, resume: bool = False,
         step, curves, best = st["step"], st["curves"], tuple(st["best"])
         loss_sum.fill_(st["loss_sum"])
         loss_n = st["loss_n"]
-        sampler.gen.set_state(st["sampler"])
         torch.set_rng_state(st["rng_cpu"])
         if cuda and st.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(st["rng_cuda"], device)
 
     def autocast():
-        return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+        # No autocast weight cache: a captured graph must not depend on a cache filled outside it.
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32,
+                              cache_enabled=False)
 
     def loss_fn(x, y):
         with autocast():
@@ -269,7 +296,7 @@ def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, resume: bool = False,
 
     def save(final: bool):
         state = {"optimizer": opt.state_dict(), "step": step, "curves": curves, "best": list(best),
-                 "loss_sum": loss_sum.item(), "loss_n": loss_n, "sampler": sampler.gen.get_state(),
+                 "loss_sum": loss_sum.item(), "loss_n": loss_n,
                  "rng_cpu": torch.get_rng_state(),
                  "rng_cuda": torch.cuda.get_rng_state(device) if cuda else None}
         save_model(out, model, meta={"tokenizer": dataset.tokenizer.to_dict(),
@@ -285,20 +312,51 @@ def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, resume: bool = False,
     # evaluation; the clock is read only where the loop synchronises anyway.
     warm_until = step + min(10, max(1, (cfg.steps - step) // 10))
     timed_s, timed_steps, t_mark = 0.0, 0, None
+    params = [p for p in model.parameters() if p.requires_grad]
+    step_t = torch.tensor(step, device=device)     # the step counter the sampler reads
+
+    def one_step():
+        """A whole optimizer step with no host synchronisation, so it can be captured."""
+        x, y = sampler.batch(step_t)
+        opt.zero_grad(set_to_none=not use_graph)   # a graph needs its gradients to stay put
+        loss = step_loss(x, y)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=cuda)
+        opt.step()
+        loss_sum.add_(loss.detach())
+        step_t.add_(1)
+
+    # With CUDA graphs, the first steps run normally on a side stream (compilation, lazy optimizer
+    # state) and are real training steps; then one step is captured and replayed from there on, so
+    # a step costs one launch instead of hundreds.
+    graph, graph_from = None, step + 3
+    side = torch.cuda.Stream(device) if use_graph else None
     t_start = time.perf_counter()
     model.train()
     while step < cfg.steps:
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
-            g["lr"] = lr
-        x, y = sampler.next()
-        loss = step_loss(x, y)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss_sum += loss.detach()
+            if isinstance(g["lr"], torch.Tensor):
+                g["lr"].fill_(lr)
+            else:
+                g["lr"] = lr
+        sampler.prepare(step)
+        if graph is not None:
+            graph.replay()
+        elif use_graph and step >= graph_from:
+            torch.cuda.synchronize(device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                one_step()
+            graph.replay()
+        elif use_graph:
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                one_step()
+            torch.cuda.current_stream(device).wait_stream(side)
+        else:
+            one_step()
         loss_n += 1
         step += 1
         bar.update(1)
@@ -342,6 +400,7 @@ def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, resume: bool = False,
         "dataset": dataset.describe(),
         "params": model.num_params(),
         "device": str(device), "dtype": str(dtype).replace("torch.", ""), "compiled": use_compile,
+        "cuda_graph": use_graph,
         "compile_mode": cfg.compile_mode,
         "best_val_loss": best[0], "best_step": best[1],
         "final_val_loss": last.get("val_loss"), "final_train_loss": last.get("train_loss"),
@@ -369,13 +428,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="'tinyshakespeare' (bundled) or a path to a UTF-8 text file")
     p.add_argument("--dropout", type=float, default=0.0)
     for f in dataclasses.fields(TrainConfig):
-        if f.name in ("compile", "progress"):
+        if f.name in ("compile", "cuda_graph", "progress"):
             continue
         default = getattr(d, f.name)
         kind = type(default) if default is not None else (float if f.name == "min_lr" else str)
         p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=default)
     p.add_argument("--compile", dest="compile", action="store_true", default=None)
     p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false", default=None,
+                   help="run the step eagerly instead of replaying one captured CUDA graph")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     p.add_argument("--resume", action="store_true",
                    help="continue the run whose checkpoint is in --out-dir")

@@ -1,0 +1,142 @@
+"""bench.throughput: a tiny end-to-end run on the CPU (JSON fields, markdown, skips recorded), and
+the pure parts (kernel classification, speedups, planning, CLI errors)."""
+
+import json
+
+import pytest
+
+from bench import throughput
+from bench.throughput_cases import MODELS, kernel_family, kernel_kind
+from bench.throughput_report import add_speedups, markdown_section
+
+# A model small enough for a CPU test; same block as the paper's.
+TOY = dict(kind="model", preset="sqa-dense", d_model=64, n_layers=1, d_ff=64, vocab_size=64)
+TINY_ARGS = ["--models", "toy,attn16", "--seqs", "32", "--batches", "32:2",
+             "--variants", "mha,sqa,gqa", "--families", "sdpa", "--op-families", "sdpa",
+             "--repeats", "1", "--peak-size", "64", "--no-plot"]
+
+
+@pytest.fixture
+def toy(monkeypatch):
+    monkeypatch.setitem(MODELS, "toy", TOY)
+
+
+def test_tiny_run_writes_json_and_markdown(toy, tmp_path):
+    result = throughput.main(TINY_ARGS + ["--out", str(tmp_path)])
+    files = list(tmp_path.glob("throughput_*.json"))
+    assert len(files) == 1 and files[0].with_suffix(".md").exists()
+    saved = json.loads(files[0].read_text())
+    assert saved["complete"] and saved["matmul_peak_tflops"]["used"] > 0
+    cases = saved["cases"]
+    # toy: 3 variants x 2 modes; attn16: 3 variants, forward only.
+    assert len(cases) == 9 and {c["status"] for c in cases} == {"ok"}
+    for c in cases:
+        assert c["timing"]["n"] >= 1 and c["seconds"] > 0 and c["step_flops"] > 0
+    assert {c["mode"] for c in cases if c["model"] == "toy"} == {"forward", "train"}
+    sqa = next(c for c in cases if c["model"] == "toy" and c["variant"] == "sqa"
+               and c["mode"] == "forward")
+    assert (sqa["n_q_heads"], sqa["n_kv_heads"]) == (8, 4)
+    assert sqa["vs_mha"] > 0 and sqa["vs_gqa"] > 0
+    # Profiled once per series, with a family that names the SDPA path.
+    assert all(c["kernel_family"].startswith("sdpa-") for c in cases)
+    assert any(r["variant"] == "sqa" and r["baseline"] == "gqa" and r["head_ratio"] == 2.0
+               for r in saved["matched"])
+    assert {k["status"] for k in saved["criteria"]} <= {"PASS", "MISS", "N/A"}
+    md = markdown_section(tmp_path)
+    assert "Long-sequence throughput" in md and "| MHA |" in md and "Criteria" in md
+    assert result["cases"][0]["order"] == 0
+
+
+def test_budget_cut_is_recorded_never_silent(toy, tmp_path):
+    result = throughput.main(TINY_ARGS + ["--out", str(tmp_path), "--budget-seconds", "0",
+                                          "--modes", "forward"])
+    assert result["cases"] and all(c["status"] == "skipped" and "budget" in c["reason"]
+                                   for c in result["cases"])
+    assert "skipped" in markdown_section(tmp_path)
+
+
+def test_markdown_section_none_without_results(tmp_path):
+    assert markdown_section(tmp_path) is None
+
+
+def test_unknown_variant_lists_accepted():
+    with pytest.raises(ValueError, match="xsqa"):
+        throughput.parse_args(["--variants", "mha,nope"])
+    with pytest.raises(ValueError, match="attn128"):
+        throughput.parse_args(["--models", "bogus"])
+
+
+def test_plan_windows_only_on_flex_and_forward_first():
+    a = throughput.parse_args(["--models", "paper", "--seqs", "1024,4096",
+                               "--variants", "mha,mha@128", "--flex-variants", "all",
+                               "--flex-train-variants", "all"])
+    cases = throughput.plan(a)
+    assert all(c["family"] == "flex" for c in cases if "@" in c["variant"])
+    modes = [c["mode"] for c in cases]
+    assert modes == sorted(modes, key=lambda m: m != "forward")
+    assert [c["order"] for c in cases] == list(range(len(cases)))
+    # 2 variants on flex + 1 on sdpa, 2 lengths, 2 modes.
+    assert len(cases) == 12
+
+
+@pytest.mark.parametrize("names, family", [
+    (["void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<16>>"], "sdpa-flash"),
+    (["cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16"], "sdpa-cudnn"),
+    (["fmha_cutlassF_bf16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel)"],
+     "sdpa-efficient"),
+    (["triton_tem_fused_0", "triton_tem_fused_zeros_1"], "flex"),
+    (["cunn_SoftMaxForward", "void pytorch_flash::flash_bwd_dot_do_o_kernel"], "sdpa-flash"),
+    (["softmax_warp_forward", "ampere_bf16_s16816gemm"], "sdpa-math"),
+    (["triton_tem_fused_0", "void pytorch_flash::flash_fwd_kernel"], "mixed:flex+sdpa-flash"),
+    ([], "unknown"),
+])
+def test_kernel_family(names, family):
+    assert kernel_family(names) == family
+
+
+def test_kernel_kind_ignores_other_kernels():
+    assert kernel_kind("ampere_bf16_s16816gemm_bf16_128x128") is None
+
+
+def test_speedups_compare_within_one_family_and_length():
+    def case(variant, seconds, family="sdpa", seq=1024):
+        return dict(part="model", model="paper", mode="forward", family=family, seq=seq,
+                    variant=variant, status="ok", seconds=seconds)
+    cases = add_speedups([case("mha", 4.0), case("gqa", 3.0), case("xsqa", 1.0),
+                          case("xsqa", 0.5, family="flex"), case("mha", 2.0, seq=2048),
+                          dict(case("sqa", 0.0), status="oom")])
+    xsqa = cases[2]
+    assert xsqa["vs_mha"] == 4.0 and xsqa["vs_gqa"] == 3.0
+    assert cases[3]["vs_mha"] is None          # no flex MHA at that length: no cross-family ratio
+    assert "vs_mha" not in cases[5]
+
+
+def test_paper_table_and_criteria_render_from_synthetic_cases():
+    """Rendering only: made-up timings at the paper's lengths must land beside the paper's."""
+    from bench.throughput_report import analyse, render_markdown
+
+    def case(variant, seconds, family, nq, nkv, seq=200000):
+        return dict(part="model", model="paper", mode="forward", family=family, seq=seq,
+                    batch=1, variant=variant, status="ok", seconds=seconds, n_q_heads=nq,
+                    n_kv_heads=nkv, step_flops=1e12 * nq, kernel_family=(
+                        "flex" if family == "flex" else "sdpa-flash"))
+    cases = [case("mha", 1.0, "sdpa", 16, 16), case("xsqa", 0.25, "sdpa", 4, 4),
+             case("sqa", 0.52, "sdpa", 8, 4), case("gqa", 1.0, "sdpa", 16, 4),
+             case("mha", 1.2, "flex", 16, 16), case("mha@128", 0.05, "flex", 16, 16),
+             case("xsqa", 0.3, "flex", 4, 4)]
+    result = {"run": {}, "settings": {"repeats": 3, "max_seconds": 1, "forward": "f",
+                                      "train": "t", "compiled": "c", "sdpa_kernel": "flash"},
+              "matmul_peak_tflops": {"start": 100.0, "end": 110.0}, "cases": cases,
+              "complete": True}
+    result.update(analyse(result))
+    crit = {k["name"]: k for k in result["criteria"]}
+    assert crit["xSQA speedup over MHA, paper model, forward, seq 200000, sdpa"][
+        "status"] == "PASS"
+    assert crit["SQA speedup over MHA, paper model, forward, seq 200000, sdpa"][
+        "status"] == "PASS"
+    assert crit["SWA(128) faster than xSQA, paper model, forward, seq 200000, both flex"][
+        "status"] == "PASS"
+    assert result["matmul_peak_tflops"]["used"] == 110.0
+    md = render_markdown(result)
+    assert "| 200,000 (1) | 0.8194 / 0.2500 |" in md          # paper / ours, xSQA column
+    assert "Matched comparisons" in md and "SQA vs GQA" in md
