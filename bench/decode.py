@@ -180,7 +180,9 @@ class Runner:
         if cache_bytes > self.mem_budget:
             row["status"] = f"skipped: cache {cache_bytes / 1e9:.1f} GB > budget"
             return row
-        engine = DecodeEngine(model, batch, ctx, bucket=a.bucket)
+        compiled = size in a.compile_sizes and batch in a.compile_batches
+        row["compiled"] = compiled
+        engine = DecodeEngine(model, batch, ctx, bucket=a.bucket, compile=compiled)
         run = greedy_steps(engine, prompt, new)
         t = time_fn(run, dev, warmup=2, repeats=a.repeats, max_seconds=a.case_seconds)
         per = {k: v / new for k, v in t.items() if k.endswith("_ms")}
@@ -241,7 +243,9 @@ class Runner:
         out = {"size": size, "batch": batch, "context": ctx}
         models = {v: build(size, v, self.device, self.dtype) for v in ("mha", "sqt")}
         new = min(self.args.new_tokens, ctx - 1)
-        engines = {v: DecodeEngine(m, batch, ctx, bucket=self.args.bucket)
+        compiled = size in self.args.compile_sizes
+        out["compiled"] = compiled
+        engines = {v: DecodeEngine(m, batch, ctx, bucket=self.args.bucket, compile=compiled)
                    for v, m in models.items()}
         runs = {v: greedy_steps(e, ctx - new, new) for v, e in engines.items()}
         ratios, eager_ratios = [], []
@@ -518,6 +522,11 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=7, help="alternating SQT/MHA rounds")
     p.add_argument("--eager-rounds", type=int, default=3)
     p.add_argument("--bucket", type=int, default=256, help="engine cache-view granularity")
+    p.add_argument("--compile-sizes", type=_names, default=["small"],
+                   help="sizes whose engine step is fused with torch.compile before capture "
+                        "(one compile per shape, so only where the criteria need it)")
+    p.add_argument("--compile-batches", type=_ints, default=[1],
+                   help="batches at which --compile-sizes engines are compiled")
     p.add_argument("--prefill-tokens", type=int, default=1 << 17,
                    help="time prefill where batch x context is at most this")
     p.add_argument("--profile-sizes", type=_names, default=["small", "large"],

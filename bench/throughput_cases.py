@@ -109,7 +109,8 @@ def _model_case(model_name, mode, family, variant, seq, batch, device, sdpa_forc
     model = TransformerLM(cfg).to(device)
     # Random tokens (never zeros): an all-zero input is a degenerate case some kernels shortcut.
     idx = torch.randint(0, cfg.vocab_size, (batch, seq), generator=gen).to(device)
-    ctx = sdpa_context(sdpa_force, device) if family == "sdpa" else contextlib.nullcontext()
+    # A context manager can be entered once: make a fresh one for every call.
+    ctx = (lambda: sdpa_context(sdpa_force, device)) if family == "sdpa" else contextlib.nullcontext
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
     if family == "flex":
         for s in set(cfg.layer_specs()):
@@ -118,7 +119,7 @@ def _model_case(model_name, mode, family, variant, seq, batch, device, sdpa_forc
         model.eval()
 
         def fn():
-            with torch.inference_mode(), autocast, ctx:
+            with torch.inference_mode(), autocast, ctx():
                 return model(idx)
         flops = forward_flops(cfg, batch, seq)
     else:
@@ -127,7 +128,7 @@ def _model_case(model_name, mode, family, variant, seq, batch, device, sdpa_forc
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
 
         def fn():
-            with autocast, ctx:
+            with autocast, ctx():
                 logits = model(idx)
                 loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
             loss.backward()
@@ -151,12 +152,12 @@ def _op_case(model_name, family, variant, seq, batch, device, gen) -> Case:
     q, k, v = rand(spec.n_q_heads), rand(spec.n_kv_heads), rand(spec.n_kv_heads)
     backend = "flex" if family == "flex" else "sdpa"
     force = family.split("-", 1)[1] if family.startswith("sdpa-") else "none"
-    ctx = sdpa_context(force, device)
+    ctx = lambda: sdpa_context(force, device)  # noqa: E731  (fresh per call)
     if backend == "flex":
         prebuild_flex_mask(seq, spec.window, device)
 
     def fn():
-        with torch.inference_mode(), ctx:
+        with torch.inference_mode(), ctx():
             return kernels.attend(q, k, v, backend, 0, spec.window)
     flops = attention_flops(spec, hd, batch, seq)
     return Case(fn, spec, hd, flops, flops, {"sdpa_force": force if backend == "sdpa" else None})

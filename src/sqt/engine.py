@@ -87,10 +87,12 @@ class DecodeEngine:
 
     `use_graphs` (default: on CUDA) captures the decode step as a CUDA graph per bucket, lazily,
     the first time a sequence reaches that bucket. `bucket` is the granularity of the attended
-    cache view, in positions."""
+    cache view, in positions. `compile` fuses the step with torch.compile before it is captured
+    (fewer, larger kernels: what bounds a small model's step); it compiles once per bucket, so it
+    pays for short contexts and many tokens."""
 
     def __init__(self, model: TransformerLM, batch_size: int, max_len: int,
-                 use_graphs: Optional[bool] = None, bucket: int = 256):
+                 use_graphs: Optional[bool] = None, bucket: int = 256, compile: bool = False):
         for name, value in (("batch_size", batch_size), ("max_len", max_len), ("bucket", bucket)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}: expected an integer >= 1")
@@ -106,6 +108,8 @@ class DecodeEngine:
             raise ValueError(f"use_graphs=True on device {self.device}: CUDA graphs need a CUDA "
                              "device; use use_graphs=False or None")
         self.use_graphs = use_graphs
+        self.compiled = bool(compile)
+        self._forward = torch.compile(model, dynamic=False) if compile else model
         self.batch_size, self.max_len, self.bucket = batch_size, max_len, bucket
         self.cache = StaticKVCache(model, batch_size, max_len)
         # Static input and output of the captured step.
@@ -168,7 +172,7 @@ class DecodeEngine:
         return self.logits
 
     def _step_body(self) -> None:
-        self.logits.copy_(self.model(self.tokens, self.cache)[:, -1])
+        self.logits.copy_(self._forward(self.tokens, self.cache)[:, -1])
 
     def _capture(self, view_len: int) -> "torch.cuda.CUDAGraph":
         self.cache.view_len = view_len

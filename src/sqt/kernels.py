@@ -164,6 +164,11 @@ def _decode_bias(S: int, q_offset: torch.Tensor, window: Optional[int], dtype, d
     layer (for a small model the mask's tiny kernels would be a fifth of the step). The memo is
     keyed on the offset tensor's identity and version counter, which every in-place update of
     the position bumps, so a stale mask is never reused."""
+    if torch.compiler.is_compiling():
+        # Traced once into a compiled step, where the mask is fused; no memo to consult.
+        allowed = allowed_mask(1, S, q_offset, window, device)
+        return torch.zeros(1, 1, 1, S, dtype=dtype, device=device).masked_fill(
+            ~allowed.view(1, 1, 1, S), float("-inf"))
     version = getattr(q_offset, "_version", None) if not q_offset.is_inference() else None
     key = (S, window, dtype, str(device))
     if version is not None and _decode_bias_memo.get("offset") is q_offset \

@@ -158,8 +158,9 @@ class Sampler:
 
     def batch(self, step: torch.Tensor):
         """(inputs, targets) for the step held in the 0-dim tensor `step`."""
-        start = self.table[step % self.CHUNK]
-        chunk = self.data[start[:, None] + self.offsets]
+        # index_select and take never read the index on the host, so this can be captured.
+        start = self.table.index_select(0, (step % self.CHUNK).view(1))[0]
+        chunk = torch.take(self.data, start[:, None] + self.offsets)
         return chunk[:, :-1], chunk[:, 1:]
 
 
