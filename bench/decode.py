@@ -435,6 +435,50 @@ def _us(x) -> str:
     return f"{x * 1e3:.1f}" if isinstance(x, (int, float)) and math.isfinite(x) else "–"
 
 
+def kv_size_lines(res: dict, size: str = "large", batch: int = 64, ctx: int = 4096) -> list:
+    """How K/V-cache size moves tokens/s where decoding is bandwidth-bound: the larger model at
+    a long context and a large batch, against the bytes-moved bound of each variant."""
+    rows = [r for r in res.get("cases", []) if r.get("status") == "ok" and r["size"] == size
+            and r["batch"] == batch and r["context"] == ctx]
+    if not rows:
+        return []
+    rows.sort(key=lambda r: -r["kv_bytes_per_token"])
+    base = rows[0]["engine"]["tokens_per_s"]
+    out = ["", f"### K/V-cache size and decode throughput ({size}, batch {batch}, context {ctx})",
+           "", "| variant | KV bytes / token | tokens/s | vs largest cache | bytes-moved bound "
+           "µs/token | measured µs/token | % of bound |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        b = r.get("bound", {})
+        out.append(f"| {r['variant']} | {r['kv_bytes_per_token']} | "
+                   f"{r['engine']['tokens_per_s']:.0f} | "
+                   f"{r['engine']['tokens_per_s'] / base:.2f}x | "
+                   f"{_us(b.get('ms_per_token'))} | {_us(r['engine']['median_ms'])} | "
+                   f"{b.get('fraction_of_bound', 0) * 100:.0f}% |")
+    return out
+
+
+def fallback_lines(res: dict) -> list:
+    """Rows marked compiled whose profiled step launched clearly more kernels than the fewest any
+    compiled row of that size launched: their step most likely ran uncompiled (dynamo stops
+    compiling a function after its recompile limit and runs it eagerly, without an error)."""
+    flagged = []
+    for size in {r["size"] for r in res.get("cases", [])}:
+        rows = [r for r in res["cases"] if r["size"] == size and r.get("compiled")
+                and isinstance(r.get("kernels"), dict) and r["kernels"].get("per_step")]
+        if len(rows) < 2:
+            continue
+        least = min(r["kernels"]["per_step"] for r in rows)
+        flagged += [(r, least) for r in rows if r["kernels"]["per_step"] > 1.15 * least]
+    if not flagged:
+        return []
+    names = ", ".join(f"{r['size']} {r['variant']} b{r['batch']} ({r['kernels']['per_step']:.0f} "
+                      f"vs {least:.0f} kernels/step)" for r, least in flagged)
+    return ["", f"**Caution:** rows marked compiled whose profiled step launched clearly more "
+            f"kernels than the leanest compiled row of their size most likely ran uncompiled "
+            f"(dynamo's recompile limit): {names}. Their timings, and SQT-vs-MHA ratios at a "
+            "compiled size that involve them, compare a compiled step with an uncompiled one."]
+
+
 def render_markdown(res: dict, source: str = "") -> str:
     rec = res.get("run_record", {})
     lines = ["## Decode: engine vs eager loop vs Hugging Face", "",
@@ -443,12 +487,12 @@ def render_markdown(res: dict, source: str = "") -> str:
              "Per-token latency in µs (median); context = cache length at the end of the timed "
              "tokens. Method: see the JSON's `method`.", ""]
     hf = {(h["size"], h["batch"], h["context"]): h["hf"]["median_ms"] for h in res.get("hf", [])}
-    lines += ["| size | variant | batch | context | engine µs/tok | tok/s | eager µs/tok | "
-              "HF µs/tok | KV B/token | % of bytes bound | prefill ms |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| size | variant | batch | context | compiled | engine µs/tok | tok/s | "
+              "eager µs/tok | HF µs/tok | KV B/token | % of bytes bound | prefill ms |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res.get("cases", []):
         if r.get("status") != "ok":
-            lines.append(f"| {r['size']} | {r['variant']} | {r['batch']} | {r['context']} | "
+            lines.append(f"| {r['size']} | {r['variant']} | {r['batch']} | {r['context']} | | "
                          f"{r.get('status')} | | | | {r['kv_bytes_per_token']} | | |")
             continue
         hf_ms = hf.get((r["size"], r["batch"], r["context"])) if r["variant"] == "mha" else None
@@ -456,11 +500,13 @@ def render_markdown(res: dict, source: str = "") -> str:
         prefill = f"{r['prefill']['median_ms']:.2f}" if "prefill" in r else "–"
         lines.append(
             f"| {r['size']} | {r['variant']} | {r['batch']} | {r['context']} | "
+            f"{'yes' if r.get('compiled') else 'no'} | "
             f"{_us(r['engine']['median_ms'])} | {r['engine']['tokens_per_s']:.0f} | "
             f"{_us(r.get('eager', {}).get('median_ms'))} | {_us(hf_ms)} | "
             f"{r['kv_bytes_per_token']} | {bound} | {prefill} |")
     if res.get("hf_status"):
         lines += ["", f"Hugging Face: {res['hf_status']}."]
+    lines += kv_size_lines(res) + fallback_lines(res)
     c = res.get("criteria", {})
     lines += ["", "### Criteria", ""]
     s = c.get("small_b1_us_per_token")
@@ -475,8 +521,11 @@ def render_markdown(res: dict, source: str = "") -> str:
         for k in ("engine", "eager"):
             if k in p:
                 q = p[k]
-                lines.append(f"- SQT vs MHA, {p['size']}, batch {p['batch']}, {k}: "
-                             f"{q['sqt_faster_pct']:+.1f}% faster (time ratio "
+                how = (f"SQT {q['sqt_faster_pct']:.1f}% faster" if q["sqt_faster_pct"] >= 0
+                       else f"SQT {-q['sqt_faster_pct']:.1f}% slower")
+                lines.append(f"- SQT vs MHA, {p['size']}, batch {p['batch']}, {k}"
+                             f"{' (compiled step)' if p.get('compiled') and k == 'engine' else ''}"
+                             f": {how} (SQT/MHA time "
                              f"{q['ratio_median']:.3f}, range {q['ratio_min']:.3f}–"
                              f"{q['ratio_max']:.3f} over {q['rounds']} rounds); the seed claims "
                              f"{p['seed_claim']}.")

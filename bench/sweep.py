@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
+import json
 import os
 import statistics
 import sys
@@ -321,11 +322,15 @@ def check_args(args) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.sweep", description=__doc__.split("\n")[0])
     p.add_argument("--sizes", nargs="+", default=["tiny", "small", "medium"], choices=SIZES)
+    p.add_argument("--summarize", type=Path, default=None, metavar="RUN_DIR",
+                   help="only rebuild RUN_DIR/summary.json from its runs/*.json (no training)")
     p.add_argument("--variants", nargs="+", default=["mha", "sqt"],
                    help=f"variant names ({', '.join(VARIANTS)}) or layer specs; the first "
                    "(or mha when listed) is the baseline")
     common_args(p)
     args = p.parse_args(argv)
+    if args.summarize is not None:
+        return resummarize(args.summarize, plot=not args.no_plot)
     try:
         check_args(args)
         for size in args.sizes:  # validate every variant at every size before training anything
@@ -342,27 +347,64 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    meta = {"baseline": baseline, "sizes": args.sizes, "variants": args.variants,
+            "seeds": args.seeds, "steps": args.steps, "batch_size": args.batch_size,
+            "seq_len": args.seq_len, "overrides": {"lr": args.lr, "dropout": args.dropout}}
+    summarize(run_dir, results, record, meta, plot=not args.no_plot)
+    return 0
+
+
+def summarize(run_dir: Path, results: list[dict], record: dict, meta: dict,
+              plot: bool = True) -> dict:
+    """Write summary.json from the runs' results and print the tables."""
     rows = aggregate(results)
-    plotted = not args.no_plot and plot_curves(results, run_dir / "curves.png")
-    summary = {"kind": "sweep", "run_record": record, "baseline": baseline,
-               "sizes": args.sizes, "variants": args.variants, "seeds": args.seeds,
-               "steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
-               "hparams": {s: SIZE_HPARAMS.get(s) for s in args.sizes}, "shared": SHARED_HPARAMS,
-               "overrides": {"lr": args.lr, "dropout": args.dropout},
+    plotted = plot and plot_curves(results, run_dir / "curves.png")
+    summary = {"kind": "sweep", "run_record": record, **meta,
+               "hparams": {s: SIZE_HPARAMS.get(s) for s in meta["sizes"]},
+               "shared": SHARED_HPARAMS,
                "rows": rows, "runs": sorted(str(p.relative_to(run_dir)) for p in
                                             (run_dir / "runs").glob("*.json")),
                "plot": "curves.png" if plotted else None}
     atomic_write_json(run_dir / "summary.json", summary)
-    print(f"\nSize sweep ({args.steps} steps, batch {args.batch_size} x {args.seq_len}, "
-          f"{args.seeds} seed(s); mean ± std over seeds)\n")
-    print(seed_table(rows, baseline))
+    print(f"\nSize sweep ({meta['steps']} steps, batch {meta['batch_size']} x {meta['seq_len']}, "
+          f"{meta['seeds']} seed(s); mean ± std over seeds)\n")
+    print(seed_table(rows, meta["baseline"]))
     print("\nVariant quality\n")
     print(quality_table(rows))
     print("\nSpeed\n")
     print(speed_table(rows))
     print("\n" + speed_note(rows, record))
-    print(f"\nSweep wall time {record['total_wall_s']:.1f} s (training {record['train_wall_s']:.1f}"
-          f" s, incl. compilation and evaluation). Summary: {run_dir / 'summary.json'}")
+    if record.get("total_wall_s") is not None:
+        print(f"\nSweep wall time {record['total_wall_s']:.1f} s (training "
+              f"{record['train_wall_s']:.1f} s, incl. compilation and evaluation).")
+    print(f"Summary: {run_dir / 'summary.json'}")
+    return summary
+
+
+def resummarize(run_dir: Path, plot: bool = True) -> int:
+    """Rebuild a folder's summary.json from its runs/*.json, for a sweep whose process ended
+    after its runs were written (e.g. stopped during the latency phase). Nothing is re-run; the
+    summary says it was rebuilt, and latency is absent unless the runs hold it."""
+    results = [json.loads(p.read_text()) for p in sorted((run_dir / "runs").glob("*.json"))]
+    order = {size: i for i, size in enumerate(SIZES)}
+    results.sort(key=lambda r: (order.get(r["size"], len(order)), r["variant"] != "mha",
+                                r["variant"], r["seed"]))
+    if not results:
+        print(f"error: no runs/*.json under {str(run_dir)!r}", file=sys.stderr)
+        return 2
+    first = results[0]
+    record = {**first["run_record"], "matmul_peak_tflops": first.get("peak_tflops"),
+              "peak_dtype": "bfloat16" if first["run_record"]["device_type"] == "cuda"
+              else "float32",
+              "jobs": first.get("concurrent_jobs"), "rebuilt_from_runs": True,
+              "command": "python -m bench.sweep --summarize " + str(run_dir)}
+    tc = first["train_config"]
+    variants = list(dict.fromkeys(r["variant"] for r in results))
+    meta = {"baseline": "mha" if "mha" in variants else variants[0],
+            "sizes": list(dict.fromkeys(r["size"] for r in results)), "variants": variants,
+            "seeds": len({r["seed"] for r in results}), "steps": tc["steps"],
+            "batch_size": tc["batch_size"], "seq_len": tc["seq_len"], "overrides": None}
+    summarize(run_dir, results, record, meta, plot=plot)
     return 0
 
 

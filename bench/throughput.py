@@ -21,11 +21,11 @@ import torch
 
 from bench.common import atomic_write_json, matmul_peak_tflops, run_record, time_fn
 from bench.throughput_cases import (MODEL_FAMILIES, MODELS, OP_FAMILIES, SDPA_FORCE,
-                                    allow_many_recompiles, build_case, head_dim_of, n_heads_of,
-                                    profile_kernels)
+                                    build_case, head_dim_of, n_heads_of, profile_kernels)
 from bench.throughput_report import (PAPER_BATCH, analyse, markdown_section,  # noqa: F401
                                      render_markdown, write_plot)
 from sqt.config import parse_layer
+from sqt.utils import allow_many_recompiles
 from sqt.flops import attention_flops, forward_flops
 
 DEFAULT_SEQS = (1024, 4096, 32768, 131072, 200000)

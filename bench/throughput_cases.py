@@ -73,16 +73,6 @@ def prebuild_flex_mask(seq: int, window: Optional[int], device: torch.device) ->
         kernels.flex_block_mask(seq, seq, 0, window, device)
 
 
-def allow_many_recompiles() -> None:
-    """FlexAttention is compiled with static shapes: every (heads, length, window) is a new graph.
-    Dynamo's default limit (8) would silently fall back to the unfused reference, which would be
-    timed as if it were the kernel (or run out of memory). Raise the limit instead."""
-    import torch._dynamo.config as dc
-    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):
-        if hasattr(dc, name):
-            setattr(dc, name, max(getattr(dc, name), 1024))
-
-
 @dataclass
 class Case:
     """One timed thing: `fn()` runs one step; the rest describes it for the record."""

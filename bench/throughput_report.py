@@ -252,7 +252,7 @@ def _paper_tables(cases, seqs) -> list[str]:
     return out
 
 
-def render_markdown(result: dict) -> str:
+def render_markdown(result: dict, source: str = "") -> str:
     if "criteria" not in result:          # a partial (killed) run: analyse what it has
         result = {**result, **analyse(result)}
     cases, peak = result["cases"], peak_used(result)
@@ -261,6 +261,8 @@ def render_markdown(result: dict) -> str:
     n_skip = sum(c["status"] == "skipped" for c in cases)
     n_oom = sum(c["status"] == "oom" for c in cases)
     L = ["## Long-sequence throughput (SQA paper, Table 3, re-measured)", "",
+         (f"Source: `{source}` · " if source else "") +
+         f"Command: `python -m bench.throughput {' '.join(st.get('argv') or [])}` · " +
          f"Device: {run.get('device')} · torch {run.get('torch')} · git {run.get('git')} · "
          f"{run.get('date')} · matmul peak measured in this run: **{peak:.0f} TFLOP/s** "
          f"(bf16, the higher of start/end) · {len(cases)} cases, {n_oom} out of memory, "
@@ -382,11 +384,13 @@ def newest_json(results_dir: pathlib.Path) -> Optional[pathlib.Path]:
 
 
 def markdown_section(results_dir: pathlib.Path) -> Optional[str]:
-    """The docs/results.md section(s) from the newest throughput JSON, or None if there is none."""
-    path = newest_json(results_dir)
-    if path is None:
+    """One docs/results.md section per throughput JSON, newest first, or None if there is none.
+    Runs are not merged: each keeps its own matmul peak, criteria and provenance."""
+    paths = sorted(results_dir.glob("throughput_*.json"), reverse=True)
+    if not paths:
         return None
-    return render_markdown(json.loads(path.read_text()))
+    return "\n\n".join(render_markdown(json.loads(p.read_text()), source=p.as_posix())
+                        for p in paths)
 
 
 def write_plot(result: dict, path: pathlib.Path) -> str:

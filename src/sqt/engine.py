@@ -109,6 +109,9 @@ class DecodeEngine:
                              "device; use use_graphs=False or None")
         self.use_graphs = use_graphs
         self.compiled = bool(compile)
+        if compile:
+            from .utils import allow_many_recompiles
+            allow_many_recompiles()   # one compile per (batch, bucket): never fall back silently
         self._forward = torch.compile(model, dynamic=False) if compile else model
         self.batch_size, self.max_len, self.bucket = batch_size, max_len, bucket
         self.cache = StaticKVCache(model, batch_size, max_len)

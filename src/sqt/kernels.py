@@ -92,13 +92,9 @@ def _flex_fn(device: torch.device) -> Callable:
     if device.type != "cuda":
         return flex_attention
     if _compiled_flex is None:
-        # Each (shape, dtype, grad mode) compiles once. Past dynamo's recompile limit (8) the call
-        # would silently run the unfused reference, materialising the full score matrix, which a
-        # benchmark over many lengths reaches quickly: allow more.
-        import torch._dynamo
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
-        torch._dynamo.config.accumulated_recompile_limit = max(
-            torch._dynamo.config.accumulated_recompile_limit, 1024)
+        # Each (shape, dtype, grad mode) compiles once; never fall back to the unfused reference.
+        from .utils import allow_many_recompiles
+        allow_many_recompiles()
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex
 

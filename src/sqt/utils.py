@@ -64,3 +64,14 @@ def run_record(device: torch.device | str | None = None) -> dict:
         rec["device"] = f"CPU ({platform.processor() or platform.machine()}, " \
                         f"{torch.get_num_threads()} threads)"
     return rec
+
+
+def allow_many_recompiles(limit: int = 1024) -> None:
+    """Compiled code with static shapes recompiles for every new shape. Past dynamo's default
+    recompile limit (8) a compiled function silently runs uncompiled (FlexAttention then runs its
+    unfused reference, a compiled decode step its eager kernels), which a benchmark over many
+    shapes reaches quickly and would time as if it were compiled. Raise the limits instead."""
+    import torch._dynamo.config as dc
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):
+        if hasattr(dc, name):
+            setattr(dc, name, max(getattr(dc, name), limit))
