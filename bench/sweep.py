@@ -98,6 +98,7 @@ def execute(specs: list[dict], args, kind: str) -> tuple[Path, list[dict], dict]
     t0 = time.perf_counter()
     from sqt.train import resolve_device
     device = resolve_device(args.device)
+    resolve_batch_defaults(args, device)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     run_dir = Path(args.out) / kind / (stamp + (f"-{args.tag}" if args.tag else ""))
     peak = matmul_peak_tflops(device)
@@ -288,12 +289,16 @@ def plot_curves(results: list[dict], path: Path) -> bool:
 def common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--seeds", type=int, default=1, help="seeds per (size, variant): 0..N-1")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"default {CUDA_BATCH} (the seed's) on CUDA, {CPU_BATCH} on the CPU so a "
+                        "short CPU run finishes in minutes")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=None, help="override the per-size learning rate")
     p.add_argument("--dropout", type=float, default=None, help="override the per-size dropout")
     p.add_argument("--eval-every", type=int, default=None, help="default: steps / 8")
-    p.add_argument("--eval-batches", type=int, default=20)
+    p.add_argument("--eval-batches", type=int, default=None,
+                   help=f"fixed validation batches per evaluation; default {CUDA_EVAL_BATCHES} "
+                        f"on CUDA, {CPU_EVAL_BATCHES} on the CPU")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-compile", action="store_true", help="train eagerly (default: compiled "
                    "on CUDA, eager on CPU)")
@@ -313,9 +318,22 @@ def common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plot", action="store_true")
 
 
+CUDA_BATCH, CPU_BATCH = 64, 16
+CUDA_EVAL_BATCHES, CPU_EVAL_BATCHES = 20, 4
+
+
+def resolve_batch_defaults(args, device) -> None:
+    """Fill unset batch settings for the device (the table header prints what was used)."""
+    cuda = torch.device(device).type == "cuda"
+    if args.batch_size is None:
+        args.batch_size = CUDA_BATCH if cuda else CPU_BATCH
+    if args.eval_batches is None:
+        args.eval_batches = CUDA_EVAL_BATCHES if cuda else CPU_EVAL_BATCHES
+
+
 def check_args(args) -> None:
     for name in ("steps", "seeds", "jobs", "batch_size", "seq_len", "eval_batches"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)}: expected >= 1")
 
 

@@ -37,13 +37,19 @@ def atomic_write_json(path, obj) -> None:
 
 
 def git_revision() -> str | None:
+    """The code's revision, `-dirty` when it has uncommitted changes. Where the tree was copied
+    without its .git (a remote machine), SQT_GIT_REVISION can carry it."""
+    here = Path(__file__).resolve().parent
     try:
-        here = Path(__file__).resolve().parent
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here,
-                             capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here,
+                             capture_output=True, text=True, timeout=5).stdout.strip()
+        if rev:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                   cwd=here, capture_output=True, text=True, timeout=5).stdout
+            return rev + ("-dirty" if dirty.strip() else "")
     except (OSError, subprocess.SubprocessError):
-        return None
+        pass
+    return os.environ.get("SQT_GIT_REVISION") or None
 
 
 def run_record(device: torch.device | str | None = None) -> dict:
