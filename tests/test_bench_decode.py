@@ -33,3 +33,18 @@ def test_decode_benchmark_smoke(tmp_path, capsys):
     md = decode.markdown_section(tmp_path)
     assert md.startswith("## Decode") and "| tiny | sqt | 1 | 32 |" in md
     assert decode.markdown_section(tmp_path / "empty") is None
+
+
+def test_compiled_rows_that_fell_back_are_flagged():
+    """A row marked compiled whose step launched clearly more kernels than the leanest compiled
+    row of its size is named; rows near the leanest are not."""
+    from bench.decode import fallback_lines
+
+    def row(variant, per_step, compiled=True):
+        return {"size": "small", "variant": variant, "batch": 1, "compiled": compiled,
+                "kernels": {"per_step": per_step}}
+    res = {"cases": [row("mha", 60), row("gqa", 64), row("sqt", 85), row("xsqa", 90, False)]}
+    text = "\n".join(fallback_lines(res))
+    assert "small sqt b1 (85 vs 60" in text
+    assert "gqa" not in text and "xsqa" not in text
+    assert fallback_lines({"cases": [row("mha", 60), row("gqa", 64)]}) == []

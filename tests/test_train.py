@@ -125,11 +125,21 @@ def test_sweep_and_report_from_its_json(tmp_path, capsys):
     s = json.loads(summary.read_text())
     assert {r["variant"] for r in s["rows"]} == {"mha", "xsqa"}
     assert len(list(summary.parent.glob("runs/*.json"))) == 2
+    # Rebuilding the summary from the runs alone gives the same rows.
+    summary.unlink()
+    assert sweep.main(["--summarize", str(summary.parent), "--no-plot"]) == 0
+    rebuilt = json.loads(summary.read_text())
+    assert rebuilt["rows"] == s["rows"] and rebuilt["run_record"]["rebuilt_from_runs"]
+    # The report renders every sweep, with a run's note in that run's section.
+    run_key = f"sweep/{summary.parent.name}"
+    (out / "notes.json").write_text(json.dumps({"notes": {run_key: "a caveat about this run"}}))
     doc = tmp_path / "docs" / "results.md"
     assert report.main(["--results", str(out), "--out", str(doc)]) == 0
     text = doc.read_text()
     best = s["rows"][0]["best_val_ppl"]["mean"]
-    assert "## Size sweep" in text and f"{best:.3f}" in text and s["run_record"]["torch"] in text
+    section = text[text.index(f"## Sweep `{summary.parent.name}`"):]
+    assert f"{best:.3f}" in section and s["run_record"]["torch"] in section
+    assert "**Note on this run:** a caveat about this run" in section
 
 
 def test_layer_sweep_names_the_largest_n_within_tolerance(tmp_path, capsys):

@@ -24,12 +24,13 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from .generate import check_sampling, sample_next
+from .generate import check_prompt, check_sampling, sample_next
+from .attention import KVCache
 from .model import TransformerLM
 
 
-class StaticKVCache:
-    """Keys and values (B, Hkv, max_len, D) per layer plus the write position on the device.
+class StaticKVCache(KVCache):
+    """The core KV cache plus a write position on the device.
 
     The model reads `length` as its offset and assigns `length = offset + T` after a forward.
     During prefill `length` is a Python int (the model takes its ordinary sliced path); during
@@ -38,15 +39,11 @@ class StaticKVCache:
 
     def __init__(self, model: TransformerLM, batch_size: int, max_len: int):
         p = model.tok_emb.weight
-        hd = model.config.head_dim
-        self.max_len = max_len
-        self.k = [torch.zeros(batch_size, s.n_kv_heads, max_len, hd, device=p.device, dtype=p.dtype)
-                  for s in model.specs]
-        self.v = [torch.zeros_like(t) for t in self.k]
         self.pos = torch.zeros((), dtype=torch.long, device=p.device)
         self.decoding = False
         self.view_len = max_len      # positions a decode step attends over (the bucket)
         self._host_length = 0
+        super().__init__(model.config, batch_size, max_len, p.device, p.dtype)
 
     @property
     def length(self):
@@ -61,19 +58,13 @@ class StaticKVCache:
             self.pos.copy_(value)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, offset):
-        T = k.shape[2]
         if isinstance(offset, int):
-            end = offset + T
-            self.k[layer][:, :, offset:end] = k
-            self.v[layer][:, :, offset:end] = v
-            return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+            return super().update(layer, k, v, offset)
+        T = k.shape[2]
         index = offset.reshape(1) if T == 1 else offset + torch.arange(T, device=k.device)
         self.k[layer].index_copy_(2, index, k)
         self.v[layer].index_copy_(2, index, v)
         return self.k[layer][:, :, :self.view_len], self.v[layer][:, :, :self.view_len]
-
-    def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
 def kv_bytes_per_token(model: TransformerLM) -> int:
@@ -197,22 +188,10 @@ class DecodeEngine:
     # -- generation ----------------------------------------------------------------------------
 
     def _check_prompt(self, idx, max_new_tokens: int) -> None:
-        if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
-            raise ValueError(f"prompt has shape {getattr(idx, 'shape', None)}: expected a (batch,"
-                             " seq_len) tensor of token ids; batched prompts have equal length")
+        check_prompt(idx, max_new_tokens, self.max_len, "the engine's max_len")
         if idx.shape[0] != self.batch_size:
             raise ValueError(f"prompt batch={idx.shape[0]}: this engine was built for "
                              f"batch_size={self.batch_size}")
-        if idx.shape[1] == 0:
-            raise ValueError("prompt is empty: expected at least one token")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
-                or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected an integer >= 1")
-        if idx.shape[1] + max_new_tokens > self.max_len:
-            raise ValueError(
-                f"prompt length {idx.shape[1]} + max_new_tokens={max_new_tokens} exceeds the "
-                f"engine's max_len={self.max_len}; ask for at most "
-                f"{max(self.max_len - idx.shape[1], 0)} new tokens or build a larger engine")
 
     @torch.no_grad()
     def stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

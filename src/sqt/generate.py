@@ -39,7 +39,10 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _check_request(model, idx: torch.Tensor, max_new_tokens: int) -> None:
+def check_prompt(idx: torch.Tensor, max_new_tokens: int, limit: Optional[int],
+                 limit_name: str = "the model's max_seq_len") -> None:
+    """The checks every generation path makes: a (batch, seq_len) prompt, at least one token,
+    a positive token count, and room for prompt plus new tokens within `limit` (None: none)."""
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
         raise ValueError(f"prompt has shape {getattr(idx, 'shape', None)}: expected a (batch, "
                          "seq_len) tensor of token ids; batched prompts must have equal length")
@@ -47,11 +50,10 @@ def _check_request(model, idx: torch.Tensor, max_new_tokens: int) -> None:
         raise ValueError("prompt is empty: expected at least one token")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected an integer >= 1")
-    limit = model.max_positions
     if limit is not None and idx.shape[1] + max_new_tokens > limit:
         raise ValueError(
-            f"prompt length {idx.shape[1]} + max_new_tokens={max_new_tokens} exceeds the "
-            f"model's max_seq_len={limit}; shorten the prompt or ask for at most "
+            f"prompt length {idx.shape[1]} + max_new_tokens={max_new_tokens} exceeds "
+            f"{limit_name}={limit}; shorten the prompt or ask for at most "
             f"{max(limit - idx.shape[1], 0)} new tokens")
 
 
@@ -62,7 +64,7 @@ def stream(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1
            generator: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
     """Yield the next token ids (B,) one step at a time. A sequence that has produced
     `stop_token` keeps producing it; the iterator ends when every sequence has stopped."""
-    _check_request(model, idx, max_new_tokens)
+    check_prompt(idx, max_new_tokens, model.max_positions)
     check_sampling(temperature, top_k, top_p)
     was_training = model.training
     model.eval()
