@@ -10,8 +10,9 @@ Method (also written into the JSON):
 - "context" is the cache length reached at the end of the timed tokens: the prompt is
   `context - new_tokens` long and `new_tokens` tokens are decoded greedily.
 - Engine: one CUDA event pair around `new_tokens` graph-replayed steps (greedy argmax included),
-  divided by `new_tokens`. The cache is positioned at the prompt length without a prefill, since
-  a step's cost does not depend on the cached values; prefill is timed on its own.
+  divided by `new_tokens`. The cache is filled once with random keys and values and positioned
+  at the prompt length without a prefill; the first tokens are random. Prefill is timed on its
+  own.
 - Eager loop and Hugging Face: per token = (time(prompt -> N tokens) - time(prompt -> 1 token))
   / (N - 1), which removes the prefill and the first token from both.
 - Every figure is a median over repeats with its quartiles (bench.common.time_fn).
@@ -81,8 +82,11 @@ def weight_bytes_per_step(model: TransformerLM, batch: int) -> int:
 
 
 def greedy_steps(engine: DecodeEngine, start: int, n: int):
-    """A closure that repositions the cache at `start` and decodes `n` greedy tokens."""
-    first = torch.zeros(engine.batch_size, dtype=torch.long, device=engine.device)
+    """A closure that repositions the cache at `start` and decodes `n` greedy tokens, from a
+    cache of random keys and values and random first tokens (never zeros)."""
+    engine.randomize_cache()
+    first = torch.randint(engine.model.config.vocab_size, (engine.batch_size,),
+                          device=engine.device)
 
     def run():
         engine.seek(start)
@@ -113,7 +117,8 @@ def kernel_profile(engine: DecodeEngine, start: int, steps: int = 3) -> dict:
     use_graphs, engine.use_graphs = engine.use_graphs, False
     try:
         engine.seek(start)
-        tok = torch.zeros(engine.batch_size, dtype=torch.long, device=engine.device)
+        tok = torch.randint(engine.model.config.vocab_size, (engine.batch_size,),
+                            device=engine.device)
         engine.step(tok)   # lazy initialisation outside the profile
         engine.seek(start)
         with profile(activities=activities) as prof:

@@ -223,7 +223,9 @@ def layer_section(summary: dict, path: Path) -> str:
         speed_note(summary["rows"], summary["run_record"])])
 
 
-def other_sections(results: Path) -> list[str]:
+def other_sections(results: Path, notes: dict) -> list[str]:
+    """The sections other benchmarks render from their own JSON, each followed by the notes
+    about the result files it names."""
     out = []
     for name in OTHER_SECTIONS:
         if importlib.util.find_spec(name) is None:
@@ -233,7 +235,9 @@ def other_sections(results: Path) -> list[str]:
         if fn is not None:
             text = fn(results)
             if text:
-                out.append(text.strip())
+                out.append("\n\n".join([text.strip()] + [
+                    f"**Note on `{key}`:** {note}" for key, note in notes.items()
+                    if key.endswith(".json") and key in text]))
     return out
 
 
@@ -267,7 +271,7 @@ def render(results: Path, doc_dir: Path, sweep=None, layer: Path | None = None) 
         layer = Path(layer) / "summary.json" if Path(layer).is_dir() else Path(layer)
         parts.append("\n\n".join([layer_section(load_summary(layer), layer)]
                                   + note_for(notes, results, layer)))
-    parts += other_sections(results)
+    parts += other_sections(results, notes)
     if len(parts) == 2:
         parts.append("No results yet: run `python -m bench.sweep` and `python -m "
                      "bench.layer_sweep` first.")

@@ -130,18 +130,23 @@ class DecodeEngine:
 
     def seek(self, length: int) -> None:
         """Position the cache at `length` without a prefill, so the next step writes position
-        `length`. For benchmarks, which time long contexts without paying for their prefill:
-        earlier positions are filled with random keys and values (never zeros, which can run
-        faster than real data and would hide a step that reads nothing)."""
+        `length`. For benchmarks, which time long contexts without paying for their prefill;
+        earlier positions keep whatever they hold (see `randomize_cache`)."""
         if isinstance(length, bool) or not isinstance(length, int) \
                 or not 1 <= length < self.max_len:
             raise ValueError(f"seek({length!r}): expected an integer in 1..{self.max_len - 1}")
-        for buf in self.cache.k + self.cache.v:
-            buf[:, :, :length].normal_()
         self.cache.decoding = False
         self.cache.length = length
         self.cache.decoding = True
         self.length = length
+
+    @torch.no_grad()
+    def randomize_cache(self, generator: Optional[torch.Generator] = None) -> None:
+        """Fill every cached key and value with random numbers, once, before timing steps after
+        `seek`: a zero-filled cache can run faster than real data and hides a step that reads
+        nothing."""
+        for buf in self.cache.k + self.cache.v:
+            buf.normal_(generator=generator)
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
