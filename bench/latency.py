@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from sqt.config import LMConfig
+from sqt.engine import DecodeEngine
 from sqt.model import TransformerLM
 
 from .common import time_fn
@@ -18,7 +19,7 @@ def measure_latency(cfg: LMConfig, device, seq_len: int = 256, prompt_len: int =
     """Latency depends on the architecture, not on trained weights, so a freshly initialised model
     is timed; that lets the timing run alone on an idle device after all training is done.
     Weights are cast to bfloat16 on CUDA (fp32 on CPU). `compile` compiles the fixed-shape forward
-    only; decoding stays eager, since its growing cache offset would recompile per position."""
+    only."""
     device = torch.device(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(seed)
@@ -32,16 +33,19 @@ def measure_latency(cfg: LMConfig, device, seq_len: int = 256, prompt_len: int =
     fwd = torch.compile(model, dynamic=False) if compile else model
     forward = time_fn(lambda: fwd(idx), device, warmup=warmup, repeats=repeats, max_seconds=20)
 
-    cache = model.new_cache(1, prompt_len + decode_tokens)
-    model(idx[:, :prompt_len], cache)
-    first = idx[:, prompt_len:prompt_len + 1]
+    # Decoding runs on the engine a user would ship (static cache; on CUDA each step replayed as
+    # a CUDA graph), so the column measures the architecture, not Python's launch overhead.
+    engine = DecodeEngine(model, 1, prompt_len + decode_tokens)
+    engine.prefill(idx[:, :prompt_len])
+    first = idx[:, prompt_len]
 
     def decode():
-        # Rewinding the length reuses the prefilled prompt; later positions are overwritten.
-        cache.length = prompt_len
+        # Rewinding to the prompt reuses its prefilled keys and values; later positions are
+        # overwritten.
+        engine.seek(prompt_len)
         tok = first
         for _ in range(decode_tokens):
-            tok = model(tok, cache)[:, -1].argmax(-1, keepdim=True)   # greedy, stays on device
+            tok = engine.step(tok).argmax(-1)   # greedy, stays on the device
         return tok
 
     dec = time_fn(decode, device, warmup=max(1, warmup // 2), repeats=max(3, repeats // 2),
@@ -52,5 +56,6 @@ def measure_latency(cfg: LMConfig, device, seq_len: int = 256, prompt_len: int =
         "decode_ms_per_token": per_token["median_ms"], "decode_per_token": per_token,
         "batch": 1, "seq_len": seq_len, "prompt_len": prompt_len, "decode_tokens": decode_tokens,
         "dtype": str(dtype).replace("torch.", ""), "compiled_forward": compile,
-        "compiled_decode": False, "device": str(device),
+        "compiled_decode": False, "decode_engine": "sqt.engine.DecodeEngine",
+        "decode_cuda_graphs": engine.use_graphs, "device": str(device),
     }

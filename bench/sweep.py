@@ -173,6 +173,8 @@ def aggregate(results: list[dict]) -> list[dict]:
             "forward_ms": lat.get("forward_ms"),
             "decode_ms_per_token": lat.get("decode_ms_per_token"),
             "latency_dtype": lat.get("dtype"), "latency_compiled": lat.get("compiled_forward"),
+            "decode_engine": lat.get("decode_engine"),
+            "decode_cuda_graphs": lat.get("decode_cuda_graphs"),
             "train_compiled": rs[0]["compiled"], "train_dtype": rs[0]["dtype"],
         })
     return rows
@@ -249,9 +251,10 @@ def speed_note(rows: list[dict], record: dict) -> str:
             f"{record['matmul_peak_tflops']:.3g} TFLOP/s. ")
     if r.get("forward_ms") is None:
         return note + "Inference latency not measured (--no-latency)."
+    decode = ("decode eager with the KV cache" if not r.get("decode_engine") else
+              f"decode on {r['decode_engine']} (CUDA graphs: {r.get('decode_cuda_graphs')})")
     return note + (f"Inference: batch 1, weights in {r.get('latency_dtype')}, forward "
-                   f"compiled={r.get('latency_compiled')}, decode eager with the KV cache; "
-                   "medians after warm-up.")
+                   f"compiled={r.get('latency_compiled')}, {decode}; medians after warm-up.")
 
 
 def plot_curves(results: list[dict], path: Path) -> bool:

@@ -140,9 +140,10 @@ def _wanted(a, op: bool, mode: str, family: str, variant: str, window) -> bool:
 
 
 def plan(a) -> list[dict]:
-    """Every case, grouped in blocks of one (mode, seq). Forward blocks first (the criteria are
-    forward), each mode cheapest first, so the long cases come last and a budget cut hits them;
-    the order inside a block is random."""
+    """Every case, grouped in blocks of one (mode, seq). The longest forward block runs first:
+    the criteria are measured there, so a budget cut must not reach it. Then the other forward
+    blocks and the train blocks, each cheapest first, so a budget cut hits the longest of what
+    remains. The order inside a block is random."""
     blocks: dict[tuple, list] = {}
     for model in a.models:
         op = MODELS[model]["kind"] == "op"
@@ -165,7 +166,9 @@ def plan(a) -> list[dict]:
         mode, seq = key
         return MODE_COST[mode] * batch_for(seq, a.batches) * seq * seq
     cases = []
-    for key in sorted(blocks, key=lambda k: (k[0] != "forward", cost(k))):
+    longest = max((k[1] for k in blocks if k[0] == "forward"), default=None)
+    first = ("forward", longest)
+    for key in sorted(blocks, key=lambda k: (k != first, k[0] != "forward", cost(k))):
         block = blocks[key]
         rng.shuffle(block)
         cases.extend(block)
