@@ -24,7 +24,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from .generate import check_prompt, check_sampling, sample_next
+from .generate import apply_stop, check_prompt, check_sampling, sample_next
 from .attention import KVCache
 from .model import TransformerLM
 
@@ -212,10 +212,8 @@ class DecodeEngine:
         logits = self.prefill(idx)
         done = torch.zeros(self.batch_size, dtype=torch.bool, device=self.device)
         for i in range(max_new_tokens):
-            nxt = sample_next(logits, temperature, top_k, top_p, generator)
-            if stop_token is not None:
-                nxt = torch.where(done, torch.full_like(nxt, stop_token), nxt)
-                done = done | (nxt == stop_token)
+            nxt, done = apply_stop(sample_next(logits, temperature, top_k, top_p, generator),
+                                   done, stop_token)
             yield nxt
             if stop_token is not None and (i + 1) % check_every == 0 and bool(done.all()):
                 return

@@ -39,6 +39,14 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def apply_stop(nxt: torch.Tensor, done: torch.Tensor, stop_token: Optional[int]):
+    """A sequence that has produced `stop_token` keeps producing it. Returns (tokens, done)."""
+    if stop_token is None:
+        return nxt, done
+    nxt = torch.where(done, torch.full_like(nxt, stop_token), nxt)
+    return nxt, done | (nxt == stop_token)
+
+
 def check_prompt(idx: torch.Tensor, max_new_tokens: int, limit: Optional[int],
                  limit_name: str = "the model's max_seq_len") -> None:
     """The checks every generation path makes: a (batch, seq_len) prompt, at least one token,
@@ -73,10 +81,8 @@ def stream(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1
         logits = model(idx, cache)[:, -1]
         done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
-            nxt = sample_next(logits, temperature, top_k, top_p, generator)
-            if stop_token is not None:
-                nxt = torch.where(done, torch.full_like(nxt, stop_token), nxt)
-                done = done | (nxt == stop_token)
+            nxt, done = apply_stop(sample_next(logits, temperature, top_k, top_p, generator),
+                                   done, stop_token)
             yield nxt
             if stop_token is not None and bool(done.all()):
                 return
