@@ -522,6 +522,8 @@ def render_markdown(res: dict, source: str = "") -> str:
     if h:
         lines.append(f"- vs Hugging Face generate: {h['value']:.2f}x (target ≥ "
                      f"{h['target']:.0f}x): {'meets' if h['meets'] else 'misses'}.")
+    compiled = {(p["size"], p["batch"]): p.get("compiled")
+                for p in res.get("sqt_vs_baseline", [])}
     for p in c.get("sqt_vs_baseline", []):
         for k in ("engine", "eager"):
             if k in p:
@@ -529,7 +531,7 @@ def render_markdown(res: dict, source: str = "") -> str:
                 how = (f"SQT {q['sqt_faster_pct']:.1f}% faster" if q["sqt_faster_pct"] >= 0
                        else f"SQT {-q['sqt_faster_pct']:.1f}% slower")
                 lines.append(f"- SQT vs MHA, {p['size']}, batch {p['batch']}, {k}"
-                             f"{' (compiled step)' if p.get('compiled') and k == 'engine' else ''}"
+                             f"{' (compiled step)' if compiled.get((p['size'], p['batch'])) and k == 'engine' else ''}"
                              f": {how} (SQT/MHA time "
                              f"{q['ratio_median']:.3f}, range {q['ratio_min']:.3f}–"
                              f"{q['ratio_max']:.3f} over {q['rounds']} rounds); the seed claims "

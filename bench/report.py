@@ -32,6 +32,7 @@ SEED_CLAIM = {
                    "inference": "-16 % faster"},
     },
 }
+SEED_BUDGET = (2000, 64, 256)   # the seed's steps, batch and sequence length
 OTHER_SECTIONS = ("bench.throughput", "bench.decode")
 
 
@@ -121,6 +122,8 @@ def sweep_title(summary: dict, path: Path) -> str:
 def seed_reading(summary: dict) -> str | None:
     """What the sweep says about the seed's conclusion, derived from the rows: SQT's perplexity
     cost per size, whether it exceeds the seed-to-seed spread, and overfitting of the baselines."""
+    if (summary["steps"], summary["batch_size"], summary["seq_len"]) != SEED_BUDGET:
+        return None   # a reading against the seed needs the seed's training budget
     by = {(r["size"], r["variant"]): r for r in summary["rows"]}
     sizes = [s for s in SEED_CLAIM["rows"] if (s, "mha") in by and (s, "sqt") in by]
     if not sizes:
