@@ -35,11 +35,44 @@ def test_named_constructors_choose_layers():
 def test_weight_names_are_the_public_surface():
     m = build(layers=("mha", "sqt"))
     names = dict(m.named_parameters())
-    assert "blocks.0.attn.q_proj.weight" in names and "blocks.1.attn.q_proj.weight" not in names
+    # Projected queries share one matmul with keys and values; a static table replaces them.
+    assert names["blocks.0.attn.qkv_proj.weight"].shape == (3 * 32, 32)
+    assert names["blocks.1.attn.qkv_proj.weight"].shape == (2 * 32, 32)
     assert names["blocks.1.attn.q_table"].shape == (24, 8, 4)
     for i in range(2):
-        for p in ("k_proj", "v_proj", "o_proj"):
-            assert isinstance(getattr(m.blocks[i].attn, p), torch.nn.Linear)
+        assert isinstance(m.blocks[i].attn.o_proj, torch.nn.Linear)
+
+
+def unfused_state(model):
+    """The state dict in the layout of separate q/k/v (and SwiGLU gate/up) projections, which
+    `load_state_dict` still accepts: the tests below edit heads in it."""
+    state = model.state_dict()
+    for i, block in enumerate(model.blocks):
+        pre = f"blocks.{i}.attn."
+        for kind in ("weight", "bias"):
+            fused = state.pop(pre + "qkv_proj." + kind, None)
+            if fused is None:
+                continue
+            for name, part in zip("qkv", fused.split(block.attn.qkv_split, dim=0)):
+                if part.shape[0]:
+                    state[f"{pre}{name}_proj.{kind}"] = part
+        if block.mlp.swiglu:
+            pre = f"blocks.{i}.mlp."
+            state[pre + "gate.weight"], state[pre + "up.weight"] = \
+                state[pre + "up.weight"].chunk(2, dim=0)
+    return state
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+def test_unfused_checkpoints_load_as_the_same_model(block):
+    m = build(block, ("mha", "sqt"))
+    state = unfused_state(m)
+    assert "blocks.0.attn.q_proj.weight" in state and "blocks.1.attn.q_proj.weight" not in state
+    fresh = build(block, ("mha", "sqt"), seed=3)
+    fresh.load_state_dict(state)
+    x = torch.randint(0, 37, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), m(x), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", ["sqa", "xsqa", "rsqa", "lsqa"])
@@ -92,7 +125,7 @@ def test_gqa_equals_mha_with_repeated_kv_weights():
     for block in BLOCKS:
         gqa = build(block, "gqa")
         mha = build(block, "mha", seed=1)
-        state = gqa.state_dict()
+        state = unfused_state(gqa)
         group, hd = 4, 4
         for key, value in list(state.items()):
             if ".k_proj." in key or ".v_proj." in key:
@@ -110,9 +143,9 @@ def test_ssqa_equals_mha_with_half_the_heads_switched_off():
     for block in BLOCKS:
         ssqa = build(block, "ssqa")
         mha = build(block, "mha", seed=1)
-        state = mha.state_dict()
+        state = unfused_state(mha)
         width = 4 * 4  # H/2 heads of head_dim 4
-        for key, value in ssqa.state_dict().items():
+        for key, value in unfused_state(ssqa).items():
             if any(p in key for p in (".q_proj.", ".k_proj.", ".v_proj.")):
                 state[key][:width] = value
             elif key.endswith("o_proj.weight"):
@@ -137,7 +170,7 @@ def test_ssqa_layer_matches_torch_multihead_attention():
         ref.in_proj_weight.copy_(torch.eye(16).repeat(3, 1))
         ref.out_proj.weight.copy_(torch.eye(16))
         mask = torch.ones(10, 10, dtype=torch.bool).triu(1)
-        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        q, k, v = attn.qkv_proj(x).split(attn.qkv_split, dim=-1)
         expected = attn.o_proj(ref(q, k, v, attn_mask=mask, need_weights=False)[0])
         torch.testing.assert_close(attn(x), expected, rtol=1e-5, atol=1e-5)
 

@@ -70,14 +70,15 @@ class Attention(nn.Module):
         # A static query replaces W_q x. It is initialised at the scale a projected query has at
         # init (0.02-std weights times a unit-variance input of width d), so both start alike.
         q_std = 0.02 * math.sqrt(d)
-        if spec.query == "proj":
-            self.q_proj = nn.Linear(d, spec.n_q_heads * hd, bias=bias)
-        elif spec.query == "table":
+        if spec.query == "table":
             self.q_table = nn.Parameter(torch.randn(cfg.max_seq_len, spec.n_q_heads, hd) * q_std)
-        else:
+        elif spec.query == "rotary":
             self.q_vec = nn.Parameter(torch.randn(spec.n_q_heads, hd) * q_std)
-        self.k_proj = nn.Linear(d, spec.n_kv_heads * hd, bias=bias)
-        self.v_proj = nn.Linear(d, spec.n_kv_heads * hd, bias=bias)
+        # Everything computed from x (projected queries, keys, values) comes from one matmul: one
+        # kernel instead of three, forward and backward, which is what bounds small models.
+        q_width = spec.n_q_heads * hd if spec.query == "proj" else 0
+        self.qkv_split = (q_width, spec.n_kv_heads * hd, spec.n_kv_heads * hd)
+        self.qkv_proj = nn.Linear(d, sum(self.qkv_split), bias=bias)
         # Reverse SQA produces one output per K/V head, so o_proj is sized by the larger count.
         self.o_proj = nn.Linear(spec.n_attn_heads * hd, d, bias=bias)
         self.rotary = (Rotary(hd, cfg.rope_base)
@@ -89,12 +90,16 @@ class Attention(nn.Module):
         """The attention op this layer runs on `device`."""
         return resolve_backend(self.requested_backend, self.spec.window, device.type)
 
-    def queries(self, x: torch.Tensor, offset: Offset = 0) -> torch.Tensor:
-        """(B, n_q_heads, T, head_dim) before RoPE. For static sources x only sets the shape."""
+    def queries(self, x: torch.Tensor, offset: Offset = 0,
+                projected: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, n_q_heads, T, head_dim) before RoPE. For static sources x only sets the shape;
+        `projected` is the query slice of `qkv_proj(x)` when the caller has it already."""
         B, T, _ = x.shape
         nq, hd = self.spec.n_q_heads, self.head_dim
         if self.spec.query == "proj":
-            return self.q_proj(x).view(B, T, nq, hd).transpose(1, 2)
+            if projected is None:
+                projected = self.qkv_proj(x)[..., :self.qkv_split[0]]
+            return projected.view(B, T, nq, hd).transpose(1, 2)
         if self.spec.query == "table":
             if isinstance(offset, int):
                 if offset + T > self.max_seq_len:
@@ -112,9 +117,10 @@ class Attention(nn.Module):
                 cache: Optional[KVCache] = None) -> torch.Tensor:
         B, T, _ = x.shape
         nkv, hd = self.spec.n_kv_heads, self.head_dim
-        q = self.queries(x, offset)
-        k = self.k_proj(x).view(B, T, nkv, hd).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, nkv, hd).transpose(1, 2)
+        q_lin, k, v = self.qkv_proj(x).split(self.qkv_split, dim=-1)
+        q = self.queries(x, offset, q_lin)
+        k = k.view(B, T, nkv, hd).transpose(1, 2)
+        v = v.view(B, T, nkv, hd).transpose(1, 2)
         if self.rotary is not None:
             positions = torch.arange(T, device=x.device) + offset
             q, k = self.rotary(q, positions), self.rotary(k, positions)
@@ -122,3 +128,14 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v, offset)
         y = attend(q, k, v, self.backend_for(x.device), offset, self.spec.window)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before the projections were fused hold q_proj/k_proj/v_proj; they
+        # load as the concatenation, which computes exactly the same function.
+        old = [prefix + n + "_proj." for n in ("q", "k", "v")]
+        if old[1] + "weight" in state_dict and prefix + "qkv_proj.weight" not in state_dict:
+            for kind in ("weight", "bias"):
+                parts = [state_dict.pop(o + kind) for o in old if o + kind in state_dict]
+                if parts:
+                    state_dict[prefix + "qkv_proj." + kind] = torch.cat(parts, dim=0)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

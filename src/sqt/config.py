@@ -254,7 +254,7 @@ def param_count(cfg: LMConfig) -> int:
             total += cfg.max_seq_len * q_out
         else:
             total += q_out                              # one vector per head, rotated by RoPE
-        total += 2 * (d * kv_out + bias * kv_out)       # k_proj, v_proj
+        total += 2 * (d * kv_out + bias * kv_out)       # keys and values (in qkv_proj)
         total += spec.n_attn_heads * hd * d + bias * d  # o_proj
         if classic:
             total += 2 * d * cfg.d_ff + cfg.d_ff + d    # GELU MLP with biases

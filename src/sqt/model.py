@@ -31,14 +31,22 @@ class MLP(nn.Module):
         super().__init__()
         self.swiglu = cfg.block == "modern"
         bias = not self.swiglu
-        self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=bias)
-        if self.swiglu:
-            self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        # SwiGLU's gate and up projections are one matmul (gate rows first), as Q/K/V are.
+        self.up = nn.Linear(cfg.d_model, 2 * cfg.d_ff if self.swiglu else cfg.d_ff, bias=bias)
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=bias)
 
     def forward(self, x):
-        h = F.silu(self.gate(x)) * self.up(x) if self.swiglu else F.gelu(self.up(x))
-        return self.down(h)
+        if self.swiglu:
+            gate, up = self.up(x).chunk(2, dim=-1)
+            return self.down(F.silu(gate) * up)
+        return self.down(F.gelu(self.up(x)))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before the fusion hold `gate` and `up` apart.
+        if prefix + "gate.weight" in state_dict:
+            state_dict[prefix + "up.weight"] = torch.cat(
+                [state_dict.pop(prefix + "gate.weight"), state_dict[prefix + "up.weight"]], dim=0)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def _norm(cfg: LMConfig) -> nn.Module:
