@@ -186,7 +186,8 @@ def sweep_section(summary: dict, path: Path, doc_dir: Path) -> str:
         parts += ["### Learning curves", f"![learning curves]({img.as_posix()})"]
     parts += ["### Speed", speed_table(summary["rows"]), speed_note(summary["rows"], rec)]
     if rec.get("total_wall_s") is not None:
-        parts.append(f"Sweep wall time: {rec['total_wall_s']:.1f} s (training "
+        parts.append(f"Sweep wall time: {rec['total_wall_s']:.1f} s (from "
+                     f"{rec.get('wall_from', 'the start of training')}; training "
                      f"{rec['train_wall_s']:.1f} s, including compilation and evaluation; "
                      "inference timing after it).")
     if rec.get("rebuilt_from_runs"):

@@ -8,6 +8,10 @@ variant-quality table and a learning-curve plot under bench/results/sweep/<run i
 
 from __future__ import annotations
 
+import time
+
+PROCESS_START = time.perf_counter()   # before torch is imported: the sweep's wall counts it
+
 import argparse
 import datetime
 import math
@@ -15,7 +19,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -39,6 +42,12 @@ SHARED_HPARAMS = {"warmup": 100, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.9
 SIZES = tuple(k for k in PRESETS if k != "sqa-dense")
 
 _DATA_CACHE: dict = {}
+_DEVICE_SLOTS = None   # in a worker: a semaphore shared by every run of the sweep, or None
+
+
+def _init_worker(slots) -> None:
+    global _DEVICE_SLOTS
+    _DEVICE_SLOTS = slots
 
 
 def _dataset(name: str):
@@ -78,9 +87,26 @@ def run_one(spec: dict, common: dict) -> dict:
                        compile_mode=common["compile_mode"], progress=common["progress"],
                        cuda_graph=common.get("cuda_graph"),
                        **SHARED_HPARAMS)
-    result = train(mcfg, tcfg, data, peak_tflops=common.get("peak_tflops"),
-                   label=f"{spec['size']}/{spec['label']}/s{spec['seed']}")
+    # With device slots, a run compiles and captures its step alongside the others, then waits
+    # for a slot before training: processes on one GPU are time-sliced, not run side by side, so
+    # training several at once is slower in total than one after another, and its step times
+    # would be shared-device figures.
+    held = {"wait_s": 0.0, "slot": False}
+
+    def take_slot():
+        t = time.perf_counter()
+        _DEVICE_SLOTS.acquire()
+        held.update(wait_s=time.perf_counter() - t, slot=True)
+
+    try:
+        result = train(mcfg, tcfg, data, peak_tflops=common.get("peak_tflops"),
+                       label=f"{spec['size']}/{spec['label']}/s{spec['seed']}",
+                       on_ready=take_slot if _DEVICE_SLOTS is not None else None)
+    finally:
+        if held["slot"]:
+            _DEVICE_SLOTS.release()
     result.pop("model")
+    result.update(slot_wait_s=held["wait_s"], device_slots=common.get("slots"))
     result.update(size=spec["size"], variant=spec["label"], seed=spec["seed"],
                   hparams={**hp, **SHARED_HPARAMS}, concurrent_jobs=common["jobs"],
                   best_val_ppl=math.exp(result["best_val_loss"]),
@@ -112,6 +138,8 @@ def execute(specs: list[dict], args, kind: str) -> tuple[Path, list[dict], dict]
               "compile": False if args.no_compile else None, "compile_mode": args.compile_mode,
               "cuda_graph": False if args.no_cuda_graph else None,
               "progress": False if (jobs > 1 or args.no_progress) else None, "jobs": jobs,
+              "slots": (args.device_slots if device.type == "cuda" and jobs > 1
+                        and args.device_slots < jobs else None),
               "peak_tflops": peak, "run_dir": str(run_dir),
               "threads": max(1, (os.cpu_count() or 1) // jobs) if device.type == "cpu" and
               jobs > 1 else None}
@@ -124,7 +152,9 @@ def execute(specs: list[dict], args, kind: str) -> tuple[Path, list[dict], dict]
         # (CUDA cannot fork); runs of one shape share inductor's on-disk compile cache.
         order = sorted(specs, key=lambda s: -SIZES.index(s["size"]) if s["size"] in SIZES else 0)
         ctx = torch.multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        slots = ctx.Semaphore(common["slots"]) if common["slots"] else None
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(slots,)) as pool:
             futures = [(s, pool.submit(run_one, s, common)) for s in order]
             done = {id(s): f.result() for s, f in futures}
         results = [done[id(s)] for s in specs]
@@ -142,7 +172,8 @@ def execute(specs: list[dict], args, kind: str) -> tuple[Path, list[dict], dict]
         for r in results:
             r["latency"] = latency[(r["size"], r["variant"])]
             atomic_write_json(run_json(run_dir, r), r)
-    record.update(total_wall_s=time.perf_counter() - t0, train_wall_s=train_wall, jobs=jobs,
+    record.update(total_wall_s=time.perf_counter() - PROCESS_START, train_wall_s=train_wall,
+                  wall_from="process start", jobs=jobs, device_slots=common["slots"],
                   command="python -m bench." + kind + " " + " ".join(sys.argv[1:]))
     return run_dir, results, record
 
@@ -243,10 +274,17 @@ def speed_note(rows: list[dict], record: dict) -> str:
     r = rows[0] if rows else {}
     precision = ("bfloat16 autocast" if r.get("train_dtype") == "bfloat16"
                  else f"{r.get('train_dtype')}, no autocast")
-    note = (f"Training: {precision}, compiled={r.get('train_compiled')}, {record['jobs']} "
-            "concurrent job(s) on one device"
-            + (" (step times are shared-device throughput, not isolated; use --jobs 1 for "
-               "isolated step times)" if record["jobs"] > 1 else "")
+    slots = record.get("device_slots")
+    if record["jobs"] > 1 and slots == 1:
+        sharing = (f"{record['jobs']} worker processes compiling side by side, one training at a "
+                   "time (step times isolated)")
+    elif record["jobs"] > 1:
+        sharing = (f"{record['jobs']} concurrent job(s) on one device (step times are "
+                   "shared-device throughput, not isolated; use --device-slots 1 for isolated "
+                   "step times)")
+    else:
+        sharing = "one run at a time (step times isolated)"
+    note = (f"Training: {precision}, compiled={r.get('train_compiled')}, {sharing}"
             + f". MFU against the measured {record['peak_dtype']} matmul peak of "
             f"{record['matmul_peak_tflops']:.3g} TFLOP/s. ")
     if r.get("forward_ms") is None:
@@ -312,7 +350,11 @@ def common_args(p: argparse.ArgumentParser) -> None:
                    help="compile the forward whose latency is timed")
     p.add_argument("--no-latency", action="store_true", help="skip the inference timings")
     p.add_argument("--jobs", type=int, default=1,
-                   help="runs trained concurrently, as worker processes on the same device")
+                   help="runs prepared concurrently, as worker processes on the same device")
+    p.add_argument("--device-slots", type=int, default=1,
+                   help="with --jobs on CUDA: runs that train at once; the others compile and "
+                        "capture meanwhile, then wait (1 keeps step times isolated; more "
+                        "time-slices the GPU between processes)"),
     p.add_argument("--data", default="tinyshakespeare",
                    help="'tinyshakespeare' (bundled) or a path to a UTF-8 text file")
     p.add_argument("--out", default="bench/results")
@@ -335,7 +377,8 @@ def resolve_batch_defaults(args, device) -> None:
 
 
 def check_args(args) -> None:
-    for name in ("steps", "seeds", "jobs", "batch_size", "seq_len", "eval_batches"):
+    for name in ("steps", "seeds", "jobs", "device_slots", "batch_size", "seq_len",
+                 "eval_batches"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)}: expected >= 1")
 
@@ -396,7 +439,7 @@ def summarize(run_dir: Path, results: list[dict], record: dict, meta: dict,
     print(speed_table(rows))
     print("\n" + speed_note(rows, record))
     if record.get("total_wall_s") is not None:
-        print(f"\nSweep wall time {record['total_wall_s']:.1f} s (training "
+        print(f"\nSweep wall time {record['total_wall_s']:.1f} s from process start (training "
               f"{record['train_wall_s']:.1f} s, incl. compilation and evaluation).")
     print(f"Summary: {run_dir / 'summary.json'}")
     return summary
@@ -417,7 +460,8 @@ def resummarize(run_dir: Path, plot: bool = True) -> int:
     record = {**first["run_record"], "matmul_peak_tflops": first.get("peak_tflops"),
               "peak_dtype": "bfloat16" if first["run_record"]["device_type"] == "cuda"
               else "float32",
-              "jobs": first.get("concurrent_jobs"), "rebuilt_from_runs": True,
+              "jobs": first.get("concurrent_jobs"), "device_slots": first.get("device_slots"),
+              "rebuilt_from_runs": True,
               "command": "python -m bench.sweep --summarize " + str(run_dir)}
     tc = first["train_config"]
     variants = list(dict.fromkeys(r["variant"] for r in results))

@@ -168,3 +168,25 @@ def test_latency_is_measured(tmp_path):
     r = measure_latency(MODEL, "cpu", seq_len=32, prompt_len=8, decode_tokens=8, repeats=3,
                         warmup=1)
     assert r["forward_ms"] > 0 and r["decode_ms_per_token"] > 0 and r["dtype"] == "float32"
+
+
+def test_on_ready_runs_once_before_the_steady_state_steps(data):
+    seen = []
+    train(MODEL, cfg(steps=5), data, on_ready=lambda: seen.append("ready"),
+          callback=seen.append)
+    # Eager on the CPU there is nothing to compile or capture: ready once the first step is done.
+    assert seen == ["ready", 1, 2, 3, 4, 5]
+
+
+def test_sweep_run_waits_for_a_device_slot_and_gives_it_back(tmp_path, monkeypatch):
+    import threading
+    from bench import sweep
+    slots = threading.Semaphore(1)
+    monkeypatch.setattr(sweep, "_DEVICE_SLOTS", slots)
+    common = {"data": "tinyshakespeare", "steps": 3, "batch_size": 2, "seq_len": 16,
+              "lr": None, "dropout": None, "eval_every": 3, "eval_batches": 1, "device": "cpu",
+              "compile": None, "compile_mode": None, "progress": False, "jobs": 2, "slots": 1,
+              "peak_tflops": None, "run_dir": str(tmp_path)}
+    r = sweep.run_one({"size": "tiny", "layers": "mha", "label": "mha", "seed": 0}, common)
+    assert r["slot_wait_s"] >= 0 and r["device_slots"] == 1
+    assert slots.acquire(blocking=False)   # released after the run

@@ -231,10 +231,13 @@ def _check_resumable(saved: dict, model_cfg: LMConfig, cfg: TrainConfig, path: P
 
 def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, resume: bool = False,
           peak_tflops: Optional[float] = None, label: str = "train",
-          callback: Optional[Callable[[int], None]] = None) -> dict:
+          callback: Optional[Callable[[int], None]] = None,
+          on_ready: Optional[Callable[[], None]] = None) -> dict:
     """Train `TransformerLM(model_cfg)` on `dataset` (a `sqt.data.TextDataset`). With `resume`,
     continue from the checkpoint in `cfg.out_dir` and end exactly where an uninterrupted run would
     (on CPU; GPU kernels are not bitwise deterministic). `callback(step)` runs after every step.
+    `on_ready()` runs once, when the step is compiled (and captured) and steady-state training
+    begins; a sweep uses it to queue for the device while other runs train.
     Returns losses, accuracy, curves, speed (ms/step, tokens/s, MFU vs `peak_tflops`) and the
     model (under "model", not JSON)."""
     if model_cfg.vocab_size != dataset.tokenizer.vocab_size:
@@ -361,6 +364,12 @@ def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, resume: bool = False,
         loss_n += 1
         step += 1
         bar.update(1)
+        if on_ready is not None and (graph is not None or not use_graph):
+            # Compiled and captured: from here on the run needs the device, not the CPU.
+            on_ready()
+            on_ready = None
+            if t_mark is None:
+                warm_until = max(warm_until, step + 1)
         if step == warm_until:
             if cuda:
                 torch.cuda.synchronize(device)
