@@ -139,7 +139,9 @@ def seed_reading(summary: dict) -> str | None:
     deltas = [100 * (by[(s, "sqt")]["best_val_ppl"]["mean"] / by[(s, "mha")]["best_val_ppl"]["mean"]
                      - 1) for s in sizes]
     base = [by[(s, "mha")]["best_val_ppl"]["mean"] for s in sizes]
-    text = (f"**Reading.** With baselines at {min(base):.2f}–{max(base):.2f} best-val ppl (the "
+    span = (f"{min(base):.2f}" if f"{min(base):.2f}" == f"{max(base):.2f}"
+            else f"{min(base):.2f}–{max(base):.2f}")
+    text = (f"**Reading.** With baselines at {span} best-val ppl (the "
             f"seed's: {min(c['baseline_ppl'] for c in SEED_CLAIM['rows'].values()):.2f}–"
             f"{max(c['baseline_ppl'] for c in SEED_CLAIM['rows'].values()):.2f}), static "
             f"queries cost {', '.join(parts)} in best-val perplexity.")
@@ -245,6 +247,119 @@ def other_sections(results: Path, notes: dict) -> list[str]:
     return out
 
 
+def step_times_isolated(record: dict) -> bool:
+    """One run at a time on the device: a sweep with one job, or with one device slot."""
+    return record.get("jobs") == 1 or record.get("device_slots") == 1
+
+
+def at_seed_budget(summary: dict) -> bool:
+    return (summary["steps"], summary["batch_size"], summary["seq_len"]) == SEED_BUDGET
+
+
+def quality_grid(sweeps: list) -> str | None:
+    """Every (size, variant) trained at the seed's budget with 3 or more seeds, each from the
+    newest sweep that has it, in one table; Δ ppl is against mha of the same sweep."""
+    chosen: dict = {}
+    for summary, path in sorted(sweeps, key=lambda sp: sp[1].parent.name):
+        if summary["seeds"] < 3 or not at_seed_budget(summary):
+            continue
+        by = {(r["size"], r["variant"]): r for r in summary["rows"]}
+        for (size, variant), row in by.items():
+            chosen[(size, variant)] = (row, by.get((size, "mha")), summary, path)
+    if not chosen:
+        return None
+    sizes = [s for s in SEED_CLAIM["rows"] if any(k[0] == s for k in chosen)]
+    order = list(dict.fromkeys(v for sm, _ in sweeps for v in sm["variants"]))
+    rows = []
+    for size in sizes:
+        for variant in order:
+            if (size, variant) not in chosen:
+                continue
+            r, base, summary, path = chosen[(size, variant)]
+            ms = (fmt(r["ms_per_step"], 2) if step_times_isolated(summary["run_record"])
+                  else "shared")
+            rows.append([size, variant, f"{r['params'] / 1e6:.2f} M", fmt(r["best_val_loss"], 4),
+                         fmt(r["best_val_ppl"], 3),
+                         pct(r["best_val_ppl"]["mean"], base["best_val_ppl"]["mean"])
+                         if base else "–", fmt(r["best_val_acc"], 2, 100), ms,
+                         str(r["seeds"]), f"`{path.parent.name}`"])
+    return "\n\n".join([
+        "### Variant quality at the seed's budget (every size, 3+ seeds)",
+        "2000 steps, batch 64 × 256, Tiny Shakespeare; mean ± std over seeds; each row from the "
+        "newest sweep that trained it, Δ ppl against `mha` of that same sweep. ms / train step "
+        "only where the sweep trained one run at a time (\"shared\": time-sliced with other "
+        "runs; see that sweep's note).",
+        table(["size", "variant", "params", "best val loss (nats)", "best val ppl",
+               "Δ ppl vs mha", "val accuracy (%)", "ms / train step", "seeds", "sweep"], rows),
+        grid_reading(chosen, sizes, order)])
+
+
+def grid_reading(chosen: dict, sizes: list, order: list) -> str:
+    """Per size, the variants whose best-val ppl differs from mha's by more than twice the
+    combined seed-to-seed spread, and the largest such loss."""
+    parts, worst = [], None
+    for size in sizes:
+        worse, better = [], []
+        for variant in order:
+            if variant == "mha" or (size, variant) not in chosen:
+                continue
+            r, base, _, _ = chosen[(size, variant)]
+            if base is None:
+                continue
+            q, b = r["best_val_ppl"], base["best_val_ppl"]
+            spread = 2 * ((q["std"] or 0) ** 2 + (b["std"] or 0) ** 2) ** 0.5
+            delta = 100 * (q["mean"] / b["mean"] - 1)
+            if q["mean"] - b["mean"] > spread:
+                worse.append(f"{variant} {delta:+.1f} %")
+                if worst is None or delta > worst[0]:
+                    worst = (delta, variant, size)
+            elif b["mean"] - q["mean"] > spread:
+                better.append(f"{variant} {delta:+.1f} %")
+        parts.append(f"{size}: worse than mha beyond noise: {', '.join(worse) or 'none'}"
+                     + (f"; better: {', '.join(better)}" if better else ""))
+    text = ("**Reading.** Differences from mha larger than twice the combined seed-to-seed "
+            "spread — " + "; ".join(parts) + ".")
+    if worst:
+        text += (f" The largest loss is {worst[0]:+.1f} % best-val ppl ({worst[1]} at "
+                 f"{worst[2]}); every other variant differs from mha by less or within noise.")
+    return text
+
+
+def seed_sweep_speed(sweeps: list) -> str | None:
+    """The newest timed run of the seed's own sweep (3 sizes × mha, sqt, one seed, 2000 steps)."""
+    runs = [(s, p) for s, p in sweeps
+            if at_seed_budget(s) and s["seeds"] == 1 and s["variants"] == ["mha", "sqt"]
+            and set(s["sizes"]) == set(SEED_CLAIM["rows"])
+            and s["run_record"].get("wall_from") == "process start"
+            and s["run_record"].get("device_type") == "cuda"]
+    if not runs:
+        return None
+    summary, path = max(runs, key=lambda sp: sp[1].parent.name)
+    rec = summary["run_record"]
+    wall = rec["total_wall_s"]
+    text = (f"The seed's sweep (tiny, small, medium × mha, sqt; 2000 steps; one seed) took "
+            f"**{wall:.1f} s** from process start to summary on one {rec['device']}, including "
+            f"compilation, evaluation and the inference timings (target ≤ 90 s on one H100: "
+            f"{'meets' if wall <= 90 else 'misses'}); `{path.parent.name}`.")
+    if not step_times_isolated(rec):
+        return text
+    rows = [[r["size"], r["variant"], fmt(r["ms_per_step"], 2), fmt(r["tokens_per_s"], 0),
+             fmt(r["mfu"], 1, 100)] for r in summary["rows"]]
+    return "\n\n".join([text, "Training speed there, one run on the device at a time "
+                         f"(MFU against the {rec['matmul_peak_tflops']:.0f} TFLOP/s bf16 matmul "
+                         "peak measured in the same run):",
+                         table(["size", "variant", "ms / train step", "tokens / s", "MFU (%)"],
+                               rows)])
+
+
+def glance_section(sweeps: list) -> str | None:
+    parts = [x for x in (seed_sweep_speed(sweeps), quality_grid(sweeps)) if x]
+    if not parts:
+        return None
+    return "\n\n".join(["## At a glance", "Built from the sweep folders below; the throughput "
+                         "and decode sections carry their own criteria."] + parts)
+
+
 def sweep_summaries(results: Path, chosen) -> tuple[list, list]:
     """(sweeps, probes) as (summary, path) pairs: the folders named, or every sweep folder;
     main sweeps ordered by seeds, then breadth; probe folders (tag `probe-...`) apart."""
@@ -266,6 +381,9 @@ def render(results: Path, doc_dir: Path, sweep=None, layer: Path | None = None) 
              f"`{results.as_posix()}`; do not edit by hand. Re-run the benchmarks and this command "
              "to update it."]
     notes = run_notes(results)
+    glance = glance_section(sweeps)
+    if glance:
+        parts.append(glance)
     for summary, path in sweeps:
         parts.append("\n\n".join([sweep_section(summary, path, doc_dir)]
                                   + note_for(notes, results, path)))

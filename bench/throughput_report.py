@@ -279,9 +279,11 @@ def render_markdown(result: dict, source: str = "") -> str:
          + " Attention FLOPs count causal pairs only. Flex rows are a subset of variants by "
          "default (each new shape compiles); see `settings` in the JSON."
          + (f" Log-log plot: `{result['plot']}`." if result.get("plot", "").endswith(".png")
-            else ""), "",
-         "### Beside the paper's Table 3 (paper's claim: A100 40GB; ours: the device above)", ""]
-    L += _paper_tables(cases, seqs)
+            else ""), ""]
+    paper = _paper_tables(cases, seqs)
+    if paper:
+        L += ["### Beside the paper's Table 3 (paper's claim: A100 40GB; ours: the device above)",
+              ""] + paper
     groups = sorted({(c["part"], c["model"], c["mode"], c["family"]) for c in cases},
                     key=lambda g: (g[0] != "model", g[1], g[2], g[3]))
     fams = series_families(cases)
@@ -306,11 +308,15 @@ def render_markdown(result: dict, source: str = "") -> str:
               + (f" (`{'`, `'.join(k[:80] for k in kernels[:3])}`)" if kernels else ""), ""]
         L += _table(["variant"] + [f"{s:,}" for s in seqs], rows) + [""]
     L += _matched_md(result["matched"], seqs)
+    measured = [k for k in result["criteria"] if k["status"] != "N/A"]
+    unmeasured = [k["name"] for k in result["criteria"] if k["status"] == "N/A"]
     L += ["### Criteria (printed by the benchmark, measured in this run)", ""]
     L += _table(["criterion", "measured", "target", ""],
                 [[k["name"], str(k["measured"]), k["target"], k["status"]]
-                 for k in result["criteria"]]) + [""]
-    L += _reading(result["criteria"], result["matched"])
+                 for k in measured]) + [""]
+    if unmeasured:
+        L += ["Outside this run's grid: " + "; ".join(unmeasured) + ".", ""]
+    L += _reading(measured, result["matched"], any(c["part"] == "op" for c in cases))
     return "\n".join(L) + "\n"
 
 
@@ -362,14 +368,15 @@ def _equal_flop_reading(rows: list[dict]) -> list[str]:
     return out
 
 
-def _reading(crit: list[dict], matched_rows: list[dict]) -> list[str]:
+def _reading(crit: list[dict], matched_rows: list[dict], op_rows: bool = True) -> list[str]:
     out = ["### Reading", ""]
     for k in crit:
         verdict = {"PASS": "holds", "MISS": "does not hold", "N/A": "was not measured"}[
             k["status"]]
         out.append(f"- {k['name']}: {k['measured']} against {k['target']}: {verdict}."
                    + (f" {k['note']}." if k["note"] else ""))
-    out += ["- Why head dim 16 sits far below the matmul peak: each query-key pair costs "
+    out += [] if not op_rows else [
+            "- Why head dim 16 sits far below the matmul peak: each query-key pair costs "
             "4 x 16 = 64 matmul FLOPs but one exponential, so the softmax (special-function "
             "units), not the tensor cores, bounds the kernel; head dim 64 has 4x and 128 has 8x "
             "the FLOPs per exponential. The op-level rows give the measured rates."]
@@ -383,14 +390,27 @@ def newest_json(results_dir: pathlib.Path) -> Optional[pathlib.Path]:
     return files[-1] if files else None
 
 
+def criteria_across_runs(results: list[tuple[pathlib.Path, dict]]) -> str:
+    """Every criterion some run measured, one row per run that measured it (runs are
+    independent measurements, so none replaces another)."""
+    rows = [[k["name"], str(k["measured"]), k["target"], k["status"], f"`{p.name}`"]
+            for p, r in results for k in r.get("criteria", []) if k["status"] != "N/A"]
+    rows.sort(key=lambda x: x[0])
+    return "\n".join(["## Long-sequence throughput: criteria across runs", "",
+                      "Each run's own section below gives its method, cases and reading.", ""]
+                     + _table(["criterion", "measured", "target", "", "run"], rows))
+
+
 def markdown_section(results_dir: pathlib.Path) -> Optional[str]:
-    """One docs/results.md section per throughput JSON, newest first, or None if there is none.
-    Runs are not merged: each keeps its own matmul peak, criteria and provenance."""
+    """The criteria of every throughput JSON in one table, then one section per JSON, newest
+    first, or None if there is none. Runs are not merged: each keeps its own matmul peak,
+    criteria and provenance."""
     paths = sorted(results_dir.glob("throughput_*.json"), reverse=True)
     if not paths:
         return None
-    return "\n\n".join(render_markdown(json.loads(p.read_text()), source=p.as_posix())
-                        for p in paths)
+    loaded = [(p, json.loads(p.read_text())) for p in paths]
+    return "\n\n".join([criteria_across_runs(loaded)] + [
+        render_markdown(r, source=p.as_posix()) for p, r in loaded])
 
 
 def write_plot(result: dict, path: pathlib.Path) -> str:

@@ -37,8 +37,10 @@ def atomic_write_json(path, obj) -> None:
 
 
 def git_revision() -> str | None:
-    """The code's revision, `-dirty` when it has uncommitted changes. Where the tree was copied
-    without its .git (a remote machine), SQT_GIT_REVISION can carry it."""
+    """The code's revision, `-dirty` when it has uncommitted changes. SQT_GIT_REVISION, when set,
+    wins: a tree copied to another machine may carry no .git, or a stale one."""
+    if os.environ.get("SQT_GIT_REVISION"):
+        return os.environ["SQT_GIT_REVISION"]
     here = Path(__file__).resolve().parent
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here,
@@ -49,7 +51,7 @@ def git_revision() -> str | None:
             return rev + ("-dirty" if dirty.strip() else "")
     except (OSError, subprocess.SubprocessError):
         pass
-    return os.environ.get("SQT_GIT_REVISION") or None
+    return None
 
 
 def run_record(device: torch.device | str | None = None) -> dict:
