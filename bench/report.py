@@ -122,7 +122,7 @@ def sweep_title(summary: dict, path: Path) -> str:
 def seed_reading(summary: dict) -> str | None:
     """What the sweep says about the seed's conclusion, derived from the rows: SQT's perplexity
     cost per size, whether it exceeds the seed-to-seed spread, and overfitting of the baselines."""
-    if (summary["steps"], summary["batch_size"], summary["seq_len"]) != SEED_BUDGET:
+    if not at_seed_budget(summary):
         return None   # a reading against the seed needs the seed's training budget
     by = {(r["size"], r["variant"]): r for r in summary["rows"]}
     sizes = [s for s in SEED_CLAIM["rows"] if (s, "mha") in by and (s, "sqt") in by]
