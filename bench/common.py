@@ -4,8 +4,10 @@ GPU work is timed with CUDA events after warm-up; every figure is a median with 
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -78,3 +80,10 @@ def copy_bandwidth_gbs(device, nbytes: int = 1 << 30, repeats: int = 10) -> floa
     dst = torch.empty_like(src)
     stats = time_fn(lambda: dst.copy_(src), device, warmup=3, repeats=repeats)
     return 2 * src.numel() * 4 / (stats["median_ms"] * 1e-3) / 1e9
+
+
+def run_notes(results: Path) -> dict:
+    """Caveats about how particular runs were made that their JSON cannot record
+    (bench/results/notes.json), keyed by run folder or result file relative to `results`."""
+    path = results / "notes.json"
+    return json.loads(path.read_text())["notes"] if path.is_file() else {}

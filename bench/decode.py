@@ -578,8 +578,10 @@ def sqt_verdict(pairs: list[dict], rows: list[dict]) -> Optional[str]:
     return text
 
 
-def markdown_section(results_dir: pathlib.Path) -> Optional[str]:
-    """The docs/results.md section from the newest decode JSON, or None if there is none."""
+def markdown_section(results_dir: pathlib.Path,
+                     doc_dir: Optional[pathlib.Path] = None) -> Optional[str]:
+    """The docs/results.md section from the newest decode JSON, or None if there is none.
+    It draws no figure, so doc_dir (where a section may write one) goes unused."""
     path = newest_json(results_dir)
     if path is None:
         return None

@@ -10,12 +10,14 @@ import argparse
 import importlib
 import importlib.util
 import json
+import math
 import os
 import sys
 from pathlib import Path
 
 from sqt.utils import atomic_write_bytes
 
+from .common import run_notes
 from .layer_sweep import render_rows
 from .sweep import fmt, pct, quality_table, seed_table, speed_note, speed_table, table
 
@@ -33,14 +35,18 @@ SEED_CLAIM = {
     },
 }
 SEED_BUDGET = (2000, 64, 256)   # the seed's steps, batch and sequence length
+
+# The SQA paper's dense-model quality table as its blog states it (their claim, not our
+# measurement): 10-12M parameters, 8 layers, d_model 256, context 1024, Wikipedia; one run each.
+# Per variant: training minutes, validation loss (nats per token), accuracy (%).
+SQA_PAPER_DENSE = {
+    "source": "10-12M params, 8 layers, d_model 256, context 1024, Wikipedia, one run each "
+              "(the table in the SQA blog)",
+    "rows": {"mha": (269, 1.1976, 77.35), "gqa": (258, 1.2177, 77.12),
+             "mqa": (261, 1.2497, 76.64), "sqa": (241, 1.2272, 76.97),
+             "ssqa": (243, 1.2201, 77.05), "xsqa": (235, 1.2428, 76.74)},
+}
 OTHER_SECTIONS = ("bench.throughput", "bench.decode")
-
-
-def run_notes(results: Path) -> dict:
-    """Caveats about particular runs (bench/results/notes.json), keyed by run folder relative to
-    the results folder."""
-    path = results / "notes.json"
-    return json.loads(path.read_text())["notes"] if path.is_file() else {}
 
 
 def note_for(notes: dict, results: Path, summary_path: Path) -> list[str]:
@@ -229,9 +235,9 @@ def layer_section(summary: dict, path: Path) -> str:
         speed_note(summary["rows"], summary["run_record"])])
 
 
-def other_sections(results: Path, notes: dict) -> list[str]:
-    """The sections other benchmarks render from their own JSON, each followed by the notes
-    about the result files it names."""
+def other_sections(results: Path, notes: dict, doc_dir: Path | None = None) -> list[str]:
+    """The sections other benchmarks render from their own JSON (figures go into doc_dir), each
+    followed by the notes about the result files it names and has not placed itself."""
     out = []
     for name in OTHER_SECTIONS:
         if importlib.util.find_spec(name) is None:
@@ -239,11 +245,11 @@ def other_sections(results: Path, notes: dict) -> list[str]:
         module = importlib.import_module(name)
         fn = getattr(module, "markdown_section", None)
         if fn is not None:
-            text = fn(results)
+            text = fn(results, doc_dir)
             if text:
                 out.append("\n\n".join([text.strip()] + [
                     f"**Note on `{key}`:** {note}" for key, note in notes.items()
-                    if key.endswith(".json") and key in text]))
+                    if key.endswith(".json") and key in text and note not in text]))
     return out
 
 
@@ -256,9 +262,9 @@ def at_seed_budget(summary: dict) -> bool:
     return (summary["steps"], summary["batch_size"], summary["seq_len"]) == SEED_BUDGET
 
 
-def quality_grid(sweeps: list) -> str | None:
-    """Every (size, variant) trained at the seed's budget with 3 or more seeds, each from the
-    newest sweep that has it, in one table; Δ ppl is against mha of the same sweep."""
+def grid_choice(sweeps: list) -> dict:
+    """(size, variant) -> (row, mha row of the same sweep, summary, path): every pair trained at
+    the seed's budget with 3 or more seeds, from the newest sweep that has it."""
     chosen: dict = {}
     for summary, path in sorted(sweeps, key=lambda sp: sp[1].parent.name):
         if summary["seeds"] < 3 or not at_seed_budget(summary):
@@ -266,6 +272,13 @@ def quality_grid(sweeps: list) -> str | None:
         by = {(r["size"], r["variant"]): r for r in summary["rows"]}
         for (size, variant), row in by.items():
             chosen[(size, variant)] = (row, by.get((size, "mha")), summary, path)
+    return chosen
+
+
+def quality_grid(sweeps: list) -> str | None:
+    """Every (size, variant) of grid_choice in one table; Δ ppl is against mha of the same
+    sweep; then the SQA paper's dense table beside ours."""
+    chosen = grid_choice(sweeps)
     if not chosen:
         return None
     sizes = [s for s in SEED_CLAIM["rows"] if any(k[0] == s for k in chosen)]
@@ -291,7 +304,42 @@ def quality_grid(sweeps: list) -> str | None:
         "runs; see that sweep's note).",
         table(["size", "variant", "params", "best val loss (nats)", "best val ppl",
                "Δ ppl vs mha", "val accuracy (%)", "ms / train step", "seeds", "sweep"], rows),
-        grid_reading(chosen, sizes, order)])
+        grid_reading(chosen, sizes, order)] + ([paper_dense_table(chosen, sizes)]
+                                               if any(k[1] in SQA_PAPER_DENSE["rows"] and
+                                                      k[1] != "mha" for k in chosen) else []))
+
+
+def paper_dense_table(chosen: dict, sizes: list) -> str:
+    """The SQA paper's dense-model table beside ours, both as changes against MHA of the same
+    study (the datasets, tokenizers and budgets differ, so absolute losses do not compare):
+    perplexity change, and training time (theirs: total minutes; ours: ms per step, shown only
+    where a sweep timed one run at a time)."""
+    paper = SQA_PAPER_DENSE["rows"]
+    base_min, base_loss, base_acc = paper["mha"]
+    rows = []
+    for variant, (minutes, loss, acc) in paper.items():
+        if variant == "mha":
+            continue
+        cells = [variant, f"{100 * (math.exp(loss - base_loss) - 1):+.1f} %",
+                 f"{100 * (minutes / base_min - 1):+.1f} %", f"{acc - base_acc:+.2f}"]
+        for size in sizes:
+            got = chosen.get((size, variant))
+            if got is None or got[1] is None:
+                cells.append("—")
+                continue
+            r, base, summary, _ = got
+            ppl = pct(r["best_val_ppl"]["mean"], base["best_val_ppl"]["mean"])
+            ms = (pct(r["ms_per_step"]["mean"], base["ms_per_step"]["mean"])
+                  if step_times_isolated(summary["run_record"]) else "shared")
+            cells.append(f"{ppl} / {ms}")
+        rows.append(cells)
+    return "\n\n".join([
+        "**Beside the SQA paper's dense models.** Theirs: " + SQA_PAPER_DENSE["source"] +
+        " (their claim). Ours: the grid above, Tiny Shakespeare characters, context 256, "
+        "2000 steps, mean of the seeds. Every figure is a change against MHA of the same study; "
+        "ours per size as Δ best-val ppl / Δ ms per training step.",
+        table(["variant", "paper: Δ ppl", "paper: Δ train time", "paper: Δ accuracy (pts)"] +
+              [f"ours {size}" for size in sizes], rows)])
 
 
 def grid_reading(chosen: dict, sizes: list, order: list) -> str:
@@ -393,7 +441,7 @@ def render(results: Path, doc_dir: Path, sweep=None, layer: Path | None = None) 
         layer = Path(layer) / "summary.json" if Path(layer).is_dir() else Path(layer)
         parts.append("\n\n".join([layer_section(load_summary(layer), layer)]
                                   + note_for(notes, results, layer)))
-    parts += other_sections(results, notes)
+    parts += other_sections(results, notes, doc_dir)
     if len(parts) == 2:
         parts.append("No results yet: run `python -m bench.sweep` and `python -m "
                      "bench.layer_sweep` first.")

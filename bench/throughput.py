@@ -22,8 +22,8 @@ import torch
 from bench.common import atomic_write_json, matmul_peak_tflops, run_record, time_fn
 from bench.throughput_cases import (MODEL_FAMILIES, MODELS, OP_FAMILIES, SDPA_FORCE,
                                     build_case, head_dim_of, n_heads_of, profile_kernels)
-from bench.throughput_report import (PAPER_BATCH, analyse, markdown_section,  # noqa: F401
-                                     render_markdown, write_plot)
+from bench.throughput_glance import markdown_section  # noqa: F401  (bench.report renders it)
+from bench.throughput_report import PAPER_BATCH, analyse, render_markdown, write_plot
 from sqt.config import parse_layer
 from sqt.utils import allow_many_recompiles
 from sqt.flops import attention_flops, forward_flops
@@ -77,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"op-level kernels, from {', '.join(OP_FAMILIES)}")
     for name, default in DEFAULT_SUBSETS.items():
         p.add_argument("--" + name.replace("_", "-"), default=",".join(default),
-                       help=f"subset of --variants for that part ('all' for every one)")
+                       help="subset of --variants for that part ('all' for every one)")
     p.add_argument("--train-max-seq", type=int, default=131072,
                    help="longest length for train mode (a 200k training step of every variant "
                         "alone is minutes); 0 for no limit")

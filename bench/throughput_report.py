@@ -4,7 +4,6 @@ docs/results.md with the SQA paper's Table 3 beside ours, and the log-log plot."
 
 from __future__ import annotations
 
-import json
 import pathlib
 from typing import Optional
 
@@ -39,6 +38,7 @@ MATCHED = [
     ("xsmqa", "mha", "head count 4 vs 16, 1 KV head"),
 ]
 CRITERIA_SEQ = 200000
+UNIFORM_BACKEND = "every row of a table on one backend family (profiled)"
 PEAK_TARGET = 0.70
 
 
@@ -102,7 +102,9 @@ def _expected_family(family: str, sdpa_force: Optional[str]) -> Optional[str]:
 
 
 def _crit(name, measured, target, passed, note="") -> dict:
-    status = "N/A" if passed is None else ("PASS" if passed else "MISS")
+    # N/A: this run did not measure it; INFO: measured, with no target to judge it against.
+    status = ("N/A" if not measured else "INFO") if passed is None else (
+        "PASS" if passed else "MISS")
     return {"name": name, "measured": measured or "not measured", "target": target,
             "status": status, "note": note or ""}
 
@@ -145,7 +147,7 @@ def criteria(result: dict, cases: list[dict]) -> list[dict]:
             if best:
                 per_seq.append((seq, best[0] / peak, best[1]))
         worst = min(per_seq, default=None, key=lambda x: x[1])
-        text = ", ".join(f"{q // 1024}k {p:.0%} ({f})" for q, p, f in per_seq) or None
+        text = ", ".join(f"{q:,}: {p:.0%} ({f})" for q, p, f in per_seq) or None
         target = f">= {PEAK_TARGET:.0%} of {peak:.0f} TFLOP/s matmul peak at every seq >= 32k"
         out.append(_crit(f"MHA attention kernel, {model} (head dim {model[4:]}), best kernel",
                          text, target if model == "attn128" else "reported (no target)",
@@ -162,7 +164,7 @@ def criteria(result: dict, cases: list[dict]) -> list[dict]:
     fams = series_families(cases)
     mixed = [f"{'/'.join(map(str, k))}: {sorted(v)}" for k, v in fams.items()
              if len(v) != 1 or (_expected_family(k[3], force) not in (None, *v))]
-    out.append(_crit("every row of a table on one backend family (profiled)",
+    out.append(_crit(UNIFORM_BACKEND,
                      f"{len(fams) - len(mixed)}/{len(fams)} tables uniform", "all",
                      None if not fams else not mixed, "; ".join(mixed)))
     return out
@@ -252,7 +254,8 @@ def _paper_tables(cases, seqs) -> list[str]:
     return out
 
 
-def render_markdown(result: dict, source: str = "") -> str:
+def render_markdown(result: dict, source: str = "", note: Optional[str] = None) -> str:
+    """One run's section; `note` is a caveat about the run that its JSON cannot record."""
     if "criteria" not in result:          # a partial (killed) run: analyse what it has
         result = {**result, **analyse(result)}
     cases, peak = result["cases"], peak_used(result)
@@ -279,7 +282,7 @@ def render_markdown(result: dict, source: str = "") -> str:
          + " Attention FLOPs count causal pairs only. Flex rows are a subset of variants by "
          "default (each new shape compiles); see `settings` in the JSON."
          + (f" Log-log plot: `{result['plot']}`." if result.get("plot", "").endswith(".png")
-            else ""), ""]
+            else ""), ""] + ([f"**Note on this run:** {note}", ""] if note else [])
     paper = _paper_tables(cases, seqs)
     if paper:
         L += ["### Beside the paper's Table 3 (paper's claim: A100 40GB; ours: the device above)",
@@ -307,7 +310,7 @@ def render_markdown(result: dict, source: str = "") -> str:
               f"{', '.join(sorted(fams.get(g, {'not profiled'})))}"
               + (f" (`{'`, `'.join(k[:80] for k in kernels[:3])}`)" if kernels else ""), ""]
         L += _table(["variant"] + [f"{s:,}" for s in seqs], rows) + [""]
-    L += _matched_md(result["matched"], seqs)
+    L += _matched_md(result["matched"])
     measured = [k for k in result["criteria"] if k["status"] != "N/A"]
     unmeasured = [k["name"] for k in result["criteria"] if k["status"] == "N/A"]
     L += ["### Criteria (printed by the benchmark, measured in this run)", ""]
@@ -320,7 +323,7 @@ def render_markdown(result: dict, source: str = "") -> str:
     return "\n".join(L) + "\n"
 
 
-def _matched_md(rows: list[dict], seqs) -> list[str]:
+def _matched_md(rows: list[dict]) -> list[str]:
     if not rows:
         return []
     out = ["### Matched comparisons: how much of a speedup is just fewer FLOPs", "",
@@ -329,12 +332,13 @@ def _matched_md(rows: list[dict], seqs) -> list[str]:
            "FLOP ratio of what was timed (for a whole model this includes projections and MLP, "
            "so it is below the head ratio). Measured / FLOP ratio near 1 means the speedup is "
            "the FLOP cut and nothing else.", ""]
-    long_seqs = [s for s in seqs if s >= 32768] or seqs
     sources = sorted({(r["part"], r["model"], r["mode"], r["family"]) for r in rows},
                      key=lambda g: (g[0] != "model", g[1], g[2], g[3]))
     for src in sources:
         sub = {(r["variant"], r["baseline"], r["seq"]): r for r in rows
                if (r["part"], r["model"], r["mode"], r["family"]) == src}
+        own = sorted({k[2] for k in sub})          # the lengths this table measured
+        long_seqs = [s for s in own if s >= 32768] or own
         table = []
         for v, base, what in MATCHED:
             hits = [sub.get((v, base, s)) for s in long_seqs]
@@ -371,7 +375,8 @@ def _equal_flop_reading(rows: list[dict]) -> list[str]:
 def _reading(crit: list[dict], matched_rows: list[dict], op_rows: bool = True) -> list[str]:
     out = ["### Reading", ""]
     for k in crit:
-        verdict = {"PASS": "holds", "MISS": "does not hold", "N/A": "was not measured"}[
+        verdict = {"PASS": "holds", "MISS": "does not hold", "N/A": "was not measured",
+                   "INFO": "reported"}[
             k["status"]]
         out.append(f"- {k['name']}: {k['measured']} against {k['target']}: {verdict}."
                    + (f" {k['note']}." if k["note"] else ""))
@@ -383,34 +388,6 @@ def _reading(crit: list[dict], matched_rows: list[dict], op_rows: bool = True) -
     out += _equal_flop_reading(matched_rows)
     out.append("")
     return out
-
-
-def newest_json(results_dir: pathlib.Path) -> Optional[pathlib.Path]:
-    files = sorted(pathlib.Path(results_dir).glob("throughput_*.json"))
-    return files[-1] if files else None
-
-
-def criteria_across_runs(results: list[tuple[pathlib.Path, dict]]) -> str:
-    """Every criterion some run measured, one row per run that measured it (runs are
-    independent measurements, so none replaces another)."""
-    rows = [[k["name"], str(k["measured"]), k["target"], k["status"], f"`{p.name}`"]
-            for p, r in results for k in r.get("criteria", []) if k["status"] != "N/A"]
-    rows.sort(key=lambda x: x[0])
-    return "\n".join(["## Long-sequence throughput: criteria across runs", "",
-                      "Each run's own section below gives its method, cases and reading.", ""]
-                     + _table(["criterion", "measured", "target", "", "run"], rows))
-
-
-def markdown_section(results_dir: pathlib.Path) -> Optional[str]:
-    """The criteria of every throughput JSON in one table, then one section per JSON, newest
-    first, or None if there is none. Runs are not merged: each keeps its own matmul peak,
-    criteria and provenance."""
-    paths = sorted(results_dir.glob("throughput_*.json"), reverse=True)
-    if not paths:
-        return None
-    loaded = [(p, json.loads(p.read_text())) for p in paths]
-    return "\n\n".join([criteria_across_runs(loaded)] + [
-        render_markdown(r, source=p.as_posix()) for p, r in loaded])
 
 
 def write_plot(result: dict, path: pathlib.Path) -> str:

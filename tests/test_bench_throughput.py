@@ -7,7 +7,8 @@ import pytest
 
 from bench import throughput
 from bench.throughput_cases import MODELS, kernel_family, kernel_kind
-from bench.throughput_report import add_speedups, markdown_section
+from bench.throughput_glance import markdown_section
+from bench.throughput_report import add_speedups
 
 # A model small enough for a CPU test; same block as the paper's.
 TOY = dict(kind="model", preset="sqa-dense", d_model=64, n_layers=1, d_ff=64, vocab_size=64)

@@ -66,3 +66,20 @@ def test_decode_verdict_needs_sqt_faster_over_every_round():
     assert "does not hold" in text and "slower over every round at: tiny b1" in text
     text = decode.sqt_verdict([pair("tiny", 0.85, 0.9, 0.95)], [])
     assert "Faster over every round at: tiny b1" in text and "does not hold" not in text
+
+
+def test_paper_dense_table_compares_changes_against_each_studys_own_mha():
+    base = row("medium", "mha", 4.0, ms=5.0)
+    sqa = row("medium", "sqa", 4.08, ms=4.0)
+    isolated = summary([base, sqa], slots=1)
+    chosen = {("medium", "mha"): (base, base, isolated, Path("s/summary.json")),
+              ("medium", "sqa"): (sqa, base, isolated, Path("s/summary.json"))}
+    lines = {ln.split("|")[1].strip(): ln
+             for ln in report.paper_dense_table(chosen, ["medium"]).splitlines()
+             if ln.startswith("| ")}
+    # The paper's SQA: loss 1.2272 vs MHA 1.1976 -> exp(0.0296) = +3.0 % ppl; 241 vs 269 min.
+    assert "| +3.0 % | -10.4 % | -0.38 |" in lines["sqa"]
+    assert "+2.0 % / -20.0 %" in lines["sqa"]                 # ours: ppl and ms per step
+    assert lines["gqa"].rstrip().endswith("| — |")            # not trained here: no cell
+    shared = {**chosen, ("medium", "sqa"): (sqa, base, summary([base, sqa]), Path("t"))}
+    assert "+2.0 % / shared" in report.paper_dense_table(shared, ["medium"])

@@ -44,7 +44,7 @@ class CharTokenizer:
     def encode(self, text: str) -> list[int]:
         try:
             return [self._stoi[c] for c in text]
-        except KeyError as e:
+        except KeyError:
             bad = sorted(set(text) - set(self._stoi))
             raise ValueError(f"text contains {len(bad)} character(s) not in the tokenizer's "
                              f"vocabulary of {self.vocab_size}: {''.join(bad)[:40]!r}") from None
