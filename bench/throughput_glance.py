@@ -83,9 +83,10 @@ def _tables(cases: list[dict]) -> list[str]:
     return out
 
 
-def _family_reading(cases: list[dict]) -> list[str]:
-    """Where a speedup is read on two families, say how each family runs the baseline too:
-    a family that runs MHA better shows a smaller ratio for the same variant time."""
+def _family_reading(cases: list[dict], pairs: list[dict]) -> list[str]:
+    """Where a speedup is read on two families, say how each family runs the baseline too (a
+    family that runs MHA better shows a smaller ratio for the same variant time), beside the
+    whole-model FLOP ratio: the speedup a model running both at one efficiency would show."""
     by = {(c["family"], c["seq"], c["variant"]): c for c in cases if c["status"] == "ok"
           and c["part"] == "model" and c["model"] == "paper" and c["mode"] == "forward"}
     seqs = sorted({s for f, s, v in by if v == "mha" and ("sdpa", s, "mha") in by
@@ -96,11 +97,17 @@ def _family_reading(cases: list[dict]) -> list[str]:
     s = CRITERIA_SEQ if CRITERIA_SEQ in seqs else seqs[-1]   # where the criteria are judged
     m_s, m_f = by[("sdpa", s, "mha")], by[("flex", s, "mha")]
     x_s, x_f = by[("sdpa", s, "xsqa")], by[("flex", s, "xsqa")]
+    flop = next((r["flop_ratio"] for r in pairs if r["model"] == "paper" and r["seq"] == s
+                 and r["mode"] == "forward" and r["variant"] == "xsqa"
+                 and r["baseline"] == "mha"), None)
     return [f"- Same length, two families (paper model, forward, {s:,}): MHA takes "
             f"{m_s['seconds']:.4f} s on SDPA and {m_f['seconds']:.4f} s on Flex; xSQA "
             f"{x_s['seconds']:.4f} s and {x_f['seconds']:.4f} s. So xSQA's ratio is "
             f"{x_s['vs_mha']:.2f}x on SDPA and {x_f['vs_mha']:.2f}x on Flex: the ratio also "
-            "depends on how well a family runs the 16-head baseline, not only on the variant."]
+            "depends on how well a family runs the 16-head baseline, not only on the variant."
+            + (f" The whole model's FLOP ratio at this length is {flop:.2f}x (the head ratio, "
+               "4x, applies to attention alone): a ratio above it means the baseline ran less "
+               "efficiently than the variant." if flop else "")]
 
 
 def _width_reading(rows: list[dict]) -> list[str]:
@@ -154,7 +161,7 @@ def glance(loaded: list[tuple[pathlib.Path, dict]], doc_dir: Optional[pathlib.Pa
     L += _tables(cases)
     pairs = merged_matched(loaded)
     L += _matched_md(pairs)
-    reading = _family_reading(cases) + _width_reading(pairs)
+    reading = _family_reading(cases, pairs) + _width_reading(pairs)
     if reading:
         L += ["### Reading across runs", ""] + reading + [""]
     return "\n".join(L)

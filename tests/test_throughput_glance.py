@@ -89,3 +89,16 @@ def test_width_reading_puts_each_models_speedup_beside_its_own_flop_ratio():
     assert "131,072 tokens" in text and "paper 3.60x (FLOP ratio 3.60x)" in text
     assert "measured over FLOP ratio: paper 1.00, wide64 0.90" in text
     assert _width_reading([pair("paper", 3.6, 3.6)]) == []    # one width: nothing to compare
+
+
+def test_family_reading_sets_both_ratios_beside_the_whole_model_flop_ratio():
+    from bench.throughput_glance import _family_reading
+    cases = [dict(case(v, t, seq=200000, batch=1, family=f), vs_mha=r)
+             for v, t, f, r in (("mha", 1.4, "sdpa", 1.0), ("xsqa", 0.35, "sdpa", 4.0),
+                                ("mha", 1.3, "flex", 1.0), ("xsqa", 0.35, "flex", 3.71))]
+    pairs = [dict(model="paper", seq=200000, mode="forward", variant="xsqa", baseline="mha",
+                  flop_ratio=3.8)]
+    text = "".join(_family_reading(cases, pairs))
+    assert "4.00x on SDPA and 3.71x on Flex" in text
+    assert "FLOP ratio at this length is 3.80x" in text
+    assert _family_reading([c for c in cases if c["family"] == "sdpa"], pairs) == []
