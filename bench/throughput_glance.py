@@ -11,10 +11,11 @@ import pathlib
 from typing import Optional
 
 from bench.common import run_notes
+from bench.throughput_report import _cell as report_cell
 from bench.throughput_report import (CRITERIA_SEQ, PAPER_BATCH, UNIFORM_BACKEND, _key,
                                      _matched_md, _paper_tables, _table, _variant_order,
                                      add_speedups, analyse, label, matched, peak_used,
-                                     render_markdown, tflops, write_plot)
+                                     render_markdown, write_plot)
 
 PLOT_NAME = "throughput.png"
 
@@ -57,15 +58,8 @@ def merged_matched(loaded: list[tuple[pathlib.Path, dict]]) -> list[dict]:
 
 
 def _cell(c: Optional[dict]) -> str:
-    if c is None:
-        return ""
-    if c["status"] != "ok":
-        return {"oom": "OOM", "error": "error"}.get(c["status"], c["status"]) + f" · {c['tag']}"
-    if c["part"] == "op":
-        return (f"{c['seconds'] * 1e3:.3g} ms, {tflops(c) / c['peak']:.0%} of peak"
-                f" · {c['tag']}")
-    sp = f", {c['vs_mha']:.2f}x" if c.get("vs_mha") else ""
-    return f"{c['seconds']:.4f}{sp} · {c['tag']}"
+    """The per-run cell (its own run's peak for op-level %), followed by the run's tag."""
+    return "" if c is None else f"{report_cell(c, c['part'] == 'op', c['peak'])} · {c['tag']}"
 
 
 def _tables(cases: list[dict]) -> list[str]:
@@ -156,8 +150,9 @@ def glance(loaded: list[tuple[pathlib.Path, dict]], doc_dir: Optional[pathlib.Pa
         L += ["### Beside the paper's Table 3 (paper's claim: A100 40GB; ours: H100, newest "
               "run per cell)", ""] + paper
     L += ["### Every model, mode and backend", "",
-          "Model level: seconds per step, speedup over MHA. Op level: the attention op alone, "
-          "time and % of its run's measured matmul peak. Columns: length × batch.", ""]
+          "Model level: seconds per step, speedup over MHA, peak memory. Op level: the attention "
+          "op alone, time, achieved TFLOP/s and % of its run's measured matmul peak. Columns: "
+          "length × batch.", ""]
     L += _tables(cases)
     pairs = merged_matched(loaded)
     L += _matched_md(pairs)
