@@ -83,6 +83,9 @@ def eager_attention(q, k, v, q_offset: Offset = 0, window: Optional[int] = None)
 _block_masks: dict = {}
 _compiled_flex: Optional[Callable] = None
 
+# FlexAttention forward tiles by head dim, on CUDA; head dims not listed keep torch's choice.
+FLEX_FORWARD_TILES: dict[int, dict] = {}
+
 
 def _flex_fn(device: torch.device) -> Callable:
     """FlexAttention is a template that must be compiled to be fast; on CPU the uncompiled
@@ -134,7 +137,9 @@ def flex_attention(q, k, v, q_offset: Offset = 0, window: Optional[int] = None):
     T, S = q.shape[2], k.shape[2]
     block_mask = flex_block_mask(T, S, q_offset, window, q.device)
     gqa = q.shape[1] != k.shape[1]
-    return _flex_fn(q.device)(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    tiles = FLEX_FORWARD_TILES.get(q.shape[-1]) if q.device.type == "cuda" else None
+    return _flex_fn(q.device)(q, k, v, block_mask=block_mask, enable_gqa=gqa,
+                              kernel_options=dict(tiles) if tiles else None)
 
 
 def decode_attention(q, k, v, q_offset: torch.Tensor, window: Optional[int] = None):
