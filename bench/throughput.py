@@ -20,7 +20,7 @@ import time
 import torch
 
 from bench.common import atomic_write_json, matmul_peak_tflops, run_record, time_fn
-from bench.throughput_cases import (MODEL_FAMILIES, MODELS, OP_FAMILIES, SDPA_FORCE,
+from bench.throughput_cases import (MODEL_FAMILIES, MODELS, OP_FAMILIES, SDPA_FORCE, TRAIN_MODES,
                                     build_case, head_dim_of, n_heads_of, profile_kernels)
 from bench.throughput_glance import markdown_section  # noqa: F401  (bench.report renders it)
 from bench.throughput_report import PAPER_BATCH, analyse, render_markdown, write_plot
@@ -44,7 +44,8 @@ DEFAULT_SUBSETS = {
     "op_variants": ("mha", "gqa", "sqa", "ssqa", "xsqa", "mha@128"),
     "op_flex_variants": ("mha",),
 }
-MODE_COST = {"forward": 1.0, "train": 3.5}   # rough: backward ~2.5x forward for attention
+MODE_COST = {"forward": 1.0, "train": 3.5,   # rough: backward ~2.5x forward for attention
+             "train-ckpt": 4.5}            # plus the recomputed forward
 
 
 def _csv(text: str) -> list[str]:
@@ -68,7 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "per step up to 32k, then 1)")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                    help="variant names, nq/nkv, '@W' for a sliding window")
-    p.add_argument("--modes", default="forward,train")
+    p.add_argument("--modes", default="forward,train",
+                   help="forward, train, train-ckpt (training step with every block recomputed "
+                        "in the backward: fits longer sequences)")
     p.add_argument("--models", default=",".join(DEFAULT_MODELS),
                    help=f"from {', '.join(MODELS)}")
     p.add_argument("--families", default=",".join(MODEL_FAMILIES),
@@ -106,7 +109,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.batches = {int(k): int(v) for k, v in (kv.split(":") for kv in _csv(a.batches))}
     for name in ("variants", "modes", "models", "families", "op_families"):
         setattr(a, name, _csv(getattr(a, name)))
-    _check_choices("--modes", a.modes, ("forward", "train"))
+    _check_choices("--modes", a.modes, TRAIN_MODES + ("forward",))
     _check_choices("--models", a.models, tuple(MODELS))
     _check_choices("--families", a.families, MODEL_FAMILIES)
     _check_choices("--op-families", a.op_families, OP_FAMILIES)
@@ -133,7 +136,7 @@ def _wanted(a, op: bool, mode: str, family: str, variant: str, window) -> bool:
     if op:
         subset = a.op_flex_variants if family == "flex" else a.op_variants
     elif family == "flex":
-        subset = a.flex_train_variants if mode == "train" else a.flex_variants
+        subset = a.flex_train_variants if mode in TRAIN_MODES else a.flex_variants
     else:
         return True
     return variant in subset
@@ -154,7 +157,7 @@ def plan(a) -> list[dict]:
                     if not _wanted(a, op, mode, family, variant, window):
                         continue
                     for seq in a.seqs:
-                        if mode == "train" and a.train_max_seq and seq > a.train_max_seq:
+                        if mode in TRAIN_MODES and a.train_max_seq and seq > a.train_max_seq:
                             continue
                         blocks.setdefault((mode, seq), []).append(dict(
                             model=model, part="op" if op else "model", mode=mode,
@@ -308,6 +311,8 @@ def main(argv=None) -> dict:
             "forward": "model.eval(), torch.inference_mode(), bf16 autocast (fp32 weights)",
             "train": "model.train() dropout 0, bf16 autocast, cross-entropy, backward, "
                      "fused AdamW step, zero_grad",
+            "train-ckpt": "as train, with every block recomputed in the backward "
+                          "(LMConfig.checkpoint_blocks); FLOPs credited without the recompute",
             "op": "sqt.kernels.attend on random bf16 q/k/v, causal, inference_mode",
             "compiled": "model not compiled (eager PyTorch); FlexAttention compiled per shape "
                         "by sqt.kernels (compile time excluded: first call)",

@@ -5,6 +5,7 @@ kernel the profiler saw, so every row of a table is known to be on the same kind
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
@@ -33,6 +34,9 @@ MODELS: dict[str, dict] = {
 MODEL_FAMILIES = ("sdpa", "flex")
 OP_FAMILIES = ("sdpa", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex")
 SDPA_FORCE = ("flash", "cudnn", "efficient", "none")
+# Training steps: plain, and with every block recomputed in the backward (LMConfig's
+# checkpoint_blocks), which trades one more forward for memory.
+TRAIN_MODES = ("train", "train-ckpt")
 
 
 def model_config(model: str, seq: int, family: str) -> LMConfig:
@@ -93,7 +97,8 @@ def build_case(part_model: str, mode: str, family: str, variant: str, seq: int, 
 
 
 def _model_case(model_name, mode, family, variant, seq, batch, device, sdpa_force, gen) -> Case:
-    cfg = model_config(model_name, seq, family).with_layers(variant)
+    cfg = dataclasses.replace(model_config(model_name, seq, family).with_layers(variant),
+                              checkpoint_blocks=mode == "train-ckpt")
     spec = cfg.layer_specs()[0]
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
     model = TransformerLM(cfg).to(device)
@@ -124,11 +129,12 @@ def _model_case(model_name, mode, family, variant, seq, batch, device, sdpa_forc
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        flops = train_step_flops(cfg, batch, seq)
+        flops = train_step_flops(cfg, batch, seq)   # the recompute is overhead, not credited
     attn = sum(attention_flops(s, cfg.head_dim, batch, seq) for s in cfg.layer_specs())
     info = {"layer_backends": sorted(set(model.backends())), "params": model.num_params(),
             "sdpa_force": sdpa_force if family == "sdpa" else None,
-            "fused_adamw": mode == "train" and device.type == "cuda"}
+            "fused_adamw": mode in TRAIN_MODES and device.type == "cuda",
+            "checkpoint_blocks": cfg.checkpoint_blocks}
     return Case(fn, spec, cfg.head_dim, attn, flops, info)
 
 

@@ -276,7 +276,9 @@ def render_markdown(result: dict, source: str = "", note: Optional[str] = None) 
          f"{st['max_seconds']} s); cases run in a random order within each (mode, length) "
          "block; median shown, quartiles in the JSON. "
          f"Forward: {st['forward']}. Train: {st['train']} (lengths up to "
-         f"{st.get('train_max_seq') or 'any'}). {st['compiled']}. Model-level SDPA family: " +
+         f"{st.get('train_max_seq') or 'any'})"
+         + (f"; train-ckpt: {st['train-ckpt']}" if "train-ckpt" in st.get("modes", []) else "")
+         + f". {st['compiled']}. Model-level SDPA family: " +
          (f"forced to the `{st['sdpa_kernel']}` kernel so every head layout runs the same "
           "kernel." if st['sdpa_kernel'] != "none" else "torch's own kernel choice (recorded).")
          + " Attention FLOPs count causal pairs only. Flex rows are a subset of variants by "
@@ -401,7 +403,8 @@ def write_plot(result: dict, path: pathlib.Path) -> str:
         return "skipped (matplotlib not installed)"
     cases = [c for c in result["cases"] if c["part"] == "model" and c["model"] == "paper"
              and c["status"] == "ok"]
-    modes = [m for m in ("forward", "train") if any(c["mode"] == m for c in cases)]
+    modes = [m for m in ("forward", "train", "train-ckpt")
+             if any(c["mode"] == m for c in cases)]
     if not modes:
         return "skipped (no paper-model results)"
     fig, axes = plt.subplots(1, len(modes), figsize=(7 * len(modes), 5), squeeze=False)

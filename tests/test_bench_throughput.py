@@ -56,6 +56,18 @@ def test_budget_cut_is_recorded_never_silent(toy, tmp_path):
     assert "skipped" in markdown_section(tmp_path)
 
 
+def test_checkpointed_training_mode_recomputes_blocks(toy, tmp_path):
+    args = TINY_ARGS[:]
+    args[args.index("toy,attn16")] = "toy"
+    result = throughput.main(args + ["--out", str(tmp_path), "--modes", "train,train-ckpt"])
+    cases = {c["mode"]: c for c in result["cases"] if c["variant"] == "mha"}
+    assert cases["train-ckpt"]["status"] == "ok" and cases["train-ckpt"]["checkpoint_blocks"]
+    assert not cases["train"]["checkpoint_blocks"]
+    # Credited the same useful FLOPs: the recompute is overhead, so it shows as lower TFLOP/s.
+    assert cases["train-ckpt"]["step_flops"] == cases["train"]["step_flops"]
+    assert "train-ckpt" in markdown_section(tmp_path)
+
+
 def test_markdown_section_none_without_results(tmp_path):
     assert markdown_section(tmp_path) is None
 

@@ -94,3 +94,8 @@ def test_config_round_trips_through_a_dict():
     assert LMConfig.from_dict(cfg.to_dict()) == cfg
     with raises(r"unknown fields \['n_embd'\]"):
         LMConfig.from_dict({**cfg.to_dict(), "n_embd": 3})
+
+
+def test_checkpoint_blocks_must_be_a_bool():
+    with raises(r"checkpoint_blocks='yes': expected True or False"):
+        LMConfig(checkpoint_blocks="yes")

@@ -250,3 +250,22 @@ def test_dropout_is_active_in_training_only():
 def test_tied_embeddings_share_one_tensor():
     m = build("modern", "mha", tie_embeddings=True)
     assert m.lm_head.weight is m.tok_emb.weight
+
+
+@pytest.mark.parametrize("block,layers", [("classic", "mha"), ("modern", "xsqa"),
+                                          ("modern", "sqt")])
+def test_block_checkpointing_computes_the_same_loss_and_gradients(block, layers):
+    # Recomputing each block in the backward must replay it exactly, dropout masks included.
+    plain = build(block, layers, dropout=0.3).train()
+    ckpt = build(block, layers, dropout=0.3, checkpoint_blocks=True).train()
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randint(0, 37, (2, 12))
+    grads = []
+    for m in (plain, ckpt):
+        torch.manual_seed(7)
+        loss = m(x).logsumexp(-1).mean()
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in m.parameters()]))
+    assert torch.equal(grads[0][0], grads[1][0])
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -108,6 +108,8 @@ def test_command_line_trains_and_resumes(tmp_path, capsys):
     assert train_main(args) == 0
     assert json.loads((tmp_path / "result.json").read_text())["best_step"] in (2, 4)
     assert train_main(args + ["--resume"]) == 0   # already finished: nothing left to do
+    # Block checkpointing changes memory, not the model: a run resumes with it switched on.
+    assert train_main(args + ["--resume", "--checkpoint-blocks"]) == 0
     assert train_main(args[:-2] + ["--lr", "-3"]) == 2
     assert "lr=-3.0" in capsys.readouterr().err
 

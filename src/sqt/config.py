@@ -157,6 +157,10 @@ class LMConfig:
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     layers: Union[str, tuple] = "mha"
+    # Training only: keep each block's input and recompute the block in the backward pass, which
+    # costs one more forward but holds one block's activations at a time instead of all of them
+    # (what lets long sequences through a wide model on one GPU).
+    checkpoint_blocks: bool = False
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "max_seq_len"):
@@ -170,6 +174,8 @@ class LMConfig:
             raise ValueError(f"backend={self.backend!r}: expected one of {', '.join(BACKENDS)}")
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"dropout={self.dropout!r}: expected a number in [0, 1)")
+        if not isinstance(self.checkpoint_blocks, bool):
+            raise ValueError(f"checkpoint_blocks={self.checkpoint_blocks!r}: expected True or False")
         if not isinstance(self.layers, str):
             # Normalise to a tuple of strings so configs stay hashable and serialise to JSON.
             object.__setattr__(self, "layers", tuple(

@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention, KVCache
 from .config import LayersArg, LMConfig, hybrid_layers, preset
@@ -149,8 +150,13 @@ class TransformerLM(nn.Module):
                          torch.arange(T, device=idx.device) + offset)
             x = x + self.pos_emb(positions)
         x = self.drop(x)
+        recompute = self.config.checkpoint_blocks and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, offset, cache)
+            if recompute and cache is None:
+                # Dropout masks are replayed exactly: checkpoint restores the RNG state.
+                x = checkpoint(block, x, offset, use_reentrant=False)
+            else:
+                x = block(x, offset, cache)
         if cache is not None:
             cache.length = offset + T
         return self.lm_head(self.norm_f(x))

@@ -218,7 +218,10 @@ class _Progress:
 
 
 def _check_resumable(saved: dict, model_cfg: LMConfig, cfg: TrainConfig, path: Path):
-    if saved.get("model") != model_cfg.to_dict():
+    # Block checkpointing changes memory, not the function: a run may resume with it on or off.
+    def function(d: dict) -> dict:
+        return {k: v for k, v in {**LMConfig().to_dict(), **d}.items() if k != "checkpoint_blocks"}
+    if function(saved.get("model") or {}) != function(model_cfg.to_dict()):
         raise CheckpointError(f"cannot resume from {str(path)!r}: its model config differs from "
                               "this run's")
     old = saved.get("train", {})
@@ -437,6 +440,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="tinyshakespeare",
                    help="'tinyshakespeare' (bundled) or a path to a UTF-8 text file")
     p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--checkpoint-blocks", action="store_true",
+                   help="recompute each block in the backward pass: less memory, ~1 more forward")
     for f in dataclasses.fields(TrainConfig):
         if f.name in ("compile", "cuda_graph", "progress"):
             continue
@@ -462,8 +467,8 @@ def main(argv=None) -> int:
         cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
         layers = args.layers[0] if len(args.layers) == 1 else tuple(args.layers)
         model_cfg = preset(args.size, vocab_size=data.tokenizer.vocab_size, dropout=args.dropout,
-                           layers=layers, max_seq_len=max(cfg.seq_len, PRESETS[args.size]
-                                                          ["max_seq_len"]))
+                           checkpoint_blocks=args.checkpoint_blocks, layers=layers,
+                           max_seq_len=max(cfg.seq_len, PRESETS[args.size]["max_seq_len"]))
         result = train(model_cfg, cfg, data, resume=args.resume, label=args.size)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
