@@ -175,7 +175,8 @@ class LMConfig:
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"dropout={self.dropout!r}: expected a number in [0, 1)")
         if not isinstance(self.checkpoint_blocks, bool):
-            raise ValueError(f"checkpoint_blocks={self.checkpoint_blocks!r}: expected True or False")
+            raise ValueError(
+                f"checkpoint_blocks={self.checkpoint_blocks!r}: expected True or False")
         if not isinstance(self.layers, str):
             # Normalise to a tuple of strings so configs stay hashable and serialise to JSON.
             object.__setattr__(self, "layers", tuple(
