@@ -83,7 +83,10 @@ def eager_attention(q, k, v, q_offset: Offset = 0, window: Optional[int] = None)
 _block_masks: dict = {}
 _compiled_flex: Optional[Callable] = None
 
-# FlexAttention forward tiles by head dim, on CUDA; head dims not listed keep torch's choice.
+# FlexAttention forward kernel options by head dim, on CUDA (e.g. {16: {"fwd_BLOCK_M": 64,
+# "fwd_BLOCK_N": 128}}); head dims not listed keep torch's choice. Empty on purpose: at 200k tokens
+# no tile tried beat torch's default by more than 1 % for head dim 16
+# (bench/results/probes/20261123T1705-flex-tiles-200k), so there is nothing to override yet.
 FLEX_FORWARD_TILES: dict[int, dict] = {}
 
 
