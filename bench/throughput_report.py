@@ -277,7 +277,7 @@ def render_markdown(result: dict, source: str = "", note: Optional[str] = None) 
          "block; median shown, quartiles in the JSON. "
          f"Forward: {st['forward']}. Train: {st['train']} (lengths up to "
          f"{st.get('train_max_seq') or 'any'})"
-         + (f"; train-ckpt: {st['train-ckpt']}" if "train-ckpt" in st.get("modes", []) else "")
+         + "".join(f"; {m}: {st[m]}" for m in st.get("modes", []) if m not in ("forward", "train"))
          + f". {st['compiled']}. Model-level SDPA family: " +
          (f"forced to the `{st['sdpa_kernel']}` kernel so every head layout runs the same "
           "kernel." if st['sdpa_kernel'] != "none" else "torch's own kernel choice (recorded).")
@@ -403,8 +403,7 @@ def write_plot(result: dict, path: pathlib.Path) -> str:
         return "skipped (matplotlib not installed)"
     cases = [c for c in result["cases"] if c["part"] == "model" and c["model"] == "paper"
              and c["status"] == "ok"]
-    modes = [m for m in ("forward", "train", "train-ckpt")
-             if any(c["mode"] == m for c in cases)]
+    modes = sorted({c["mode"] for c in cases}, key=lambda m: (m != "forward", m))
     if not modes:
         return "skipped (no paper-model results)"
     fig, axes = plt.subplots(1, len(modes), figsize=(7 * len(modes), 5), squeeze=False)
