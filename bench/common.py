@@ -1,14 +1,17 @@
-"""The one home for timing and for the hardware ceilings benchmarks compare against.
+"""What every runner shares: timing, the hardware ceilings benchmarks compare against, which
+profiled kernels count as attention, and handing a finished run to the report.
 
 GPU work is timed with CUDA events after warm-up; every figure is a median with its spread."""
 
 from __future__ import annotations
 
-import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -82,8 +85,28 @@ def copy_bandwidth_gbs(device, nbytes: int = 1 << 30, repeats: int = 10) -> floa
     return 2 * src.numel() * 4 / (stats["median_ms"] * 1e-3) / 1e9
 
 
-def run_notes(results: Path) -> dict:
-    """Caveats about how particular runs were made that their JSON cannot record
-    (bench/results/notes.json), keyed by run folder or result file relative to `results`."""
-    path = results / "notes.json"
-    return json.loads(path.read_text())["notes"] if path.is_file() else {}
+# Substrings of the kernel (or CPU op) names that belong to attention, across every backend: SDPA's
+# flash, cuDNN, memory-efficient and math paths, FlexAttention's Triton templates, and the GEMV and
+# softmax kernels a one-token decode step may run instead.
+ATTENTION_KERNEL_HINTS = ("flash", "fmha", "cudnn", "attention", "attn", "efficient", "memeff",
+                          "sdpa", "flex", "triton_tem", "softmax", "gemv")
+
+
+def attention_kernel_names(names: Iterable[str]) -> list[str]:
+    """The distinct names among `names` that look like attention, sorted."""
+    return sorted({n for n in names if any(h in n.lower() for h in ATTENTION_KERNEL_HINTS)})
+
+
+def report_run(path, *options: str) -> int:
+    """Show a finished run the way the report renders it, without importing the report: data
+    flows runner -> JSON -> report. Runs `python -m bench.report --run PATH [options]` in its own
+    process and prints what it printed (so a caller's captured stdout holds it)."""
+    root = str(Path(__file__).resolve().parent.parent)     # where the `bench` package lives
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    sys.stdout.flush()
+    done = subprocess.run([sys.executable, "-m", "bench.report", "--run", str(path), *options],
+                          env=env, capture_output=True, text=True)
+    print(done.stdout, end="", flush=True)
+    print(done.stderr, end="", file=sys.stderr, flush=True)
+    return done.returncode

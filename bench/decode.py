@@ -25,15 +25,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import math
 import pathlib
 import time
 from typing import Optional
 
 import torch
 
-from bench.common import atomic_write_json, copy_bandwidth_gbs, run_record, summarize, time_fn
+from bench.common import (atomic_write_json, attention_kernel_names, copy_bandwidth_gbs,
+                          report_run, run_record, summarize, time_fn)
 from sqt.config import PRESETS, LMConfig, hybrid_layers
 from sqt.engine import DecodeEngine, kv_bytes_per_token
 from sqt.generate import generate
@@ -46,12 +45,6 @@ SIZES = {name: PRESETS[name] for name in SEED_SIZES}
 SIZES["large"] = dict(vocab_size=65, d_model=1024, n_heads=16, n_layers=16, d_ff=2816,
                       max_seq_len=16384 + 512, block="modern")
 VARIANTS = ("mha", "gqa", "mqa", "sqa", "ssqa", "xsqa", "sqt", "hybrid")
-# The seed's inference claims (its README table), as claims, not measurements.
-SEED_CLAIMS = {"tiny": {"params": "305 k", "inference": "-8.3 % faster"},
-               "small": {"params": "2.2 M", "inference": "unchanged"},
-               "medium": {"params": "7.0 M", "inference": "-16 % faster"}}
-TARGETS = {"small_b1_us_per_token": 150.0, "speedup_vs_hf": 5.0}
-ATTN_HINTS = ("flash", "fmha", "cudnn", "attention", "efficient", "gemv", "softmax")
 
 
 def layers_for(variant: str, n_layers: int):
@@ -134,7 +127,7 @@ def kernel_profile(engine: DecodeEngine, start: int, steps: int = 3) -> dict:
     distinct = sorted(set(names))
     return {"kind": "cuda kernels" if cuda else "cpu ops (all levels)",
             "per_step": len(names) / steps,
-            "attention": [n for n in distinct if any(h in n.lower() for h in ATTN_HINTS)],
+            "attention": attention_kernel_names(distinct),
             "distinct": distinct[:80]}
 
 
@@ -277,8 +270,7 @@ def run(args) -> dict:
     r = Runner(args, device, dtype)
     result = {"benchmark": "decode", "run_record": run_record(device), "method": __doc__,
               "dtype": str(dtype).replace("torch.", ""), "args": vars(args),
-              "sizes": {s: SIZES[s] for s in args.sizes}, "seed_claims": SEED_CLAIMS,
-              "targets": TARGETS}
+              "sizes": {s: SIZES[s] for s in args.sizes}}
     r.bandwidth = copy_bandwidth_gbs(device)
     result["copy_bandwidth_gbs"] = r.bandwidth
     out_path = pathlib.Path(args.out) / (
@@ -355,40 +347,9 @@ def run(args) -> dict:
         save()
     # 4. The larger model: the judged batch-64, 4k-context row of every variant first.
     engine_stage([s for s in args.sizes if s not in SEED_SIZES], first=(64, 4096))
-    result["criteria"] = criteria(result)
     save()
     result["path"] = str(out_path)
     return result
-
-
-def _find(rows, **kw):
-    for row in rows:
-        if all(row.get(k) == v for k, v in kw.items()):
-            return row
-    return None
-
-
-def criteria(result: dict) -> dict:
-    """The judged figures, printed; targets are reported, never asserted."""
-    rows, c = result.get("cases", []), {}
-    small = _find(rows, size="small", variant="mha", batch=1, status="ok")
-    if small:
-        us = small["engine"]["median_ms"] * 1e3
-        c["small_b1_us_per_token"] = {"value": us, "target": TARGETS["small_b1_us_per_token"],
-                                      "meets": us <= TARGETS["small_b1_us_per_token"],
-                                      "context": small["context"]}
-        hf = _find(result.get("hf", []), size="small", batch=1, context=small["context"])
-        if hf:
-            sp = hf["hf"]["median_ms"] / small["engine"]["median_ms"]
-            c["speedup_vs_hf"] = {"value": sp, "target": TARGETS["speedup_vs_hf"],
-                                  "meets": sp >= TARGETS["speedup_vs_hf"]}
-        if "eager" in small:
-            c["speedup_vs_eager_loop"] = small["eager"]["median_ms"] / small["engine"]["median_ms"]
-    c["sqt_vs_baseline"] = [
-        {"size": p["size"], "batch": p["batch"], "seed_claim": SEED_CLAIMS[p["size"]]["inference"],
-         **{k: p[k] for k in ("engine", "eager") if k in p}}
-        for p in result.get("sqt_vs_baseline", [])]
-    return c
 
 
 def _print_row(row: dict) -> None:
@@ -404,188 +365,6 @@ def _print_row(row: dict) -> None:
     if "eager" in row:
         line += f"  eager {row['eager']['median_ms'] * 1e3:9.1f} us/token"
     print(line, flush=True)
-
-
-def print_criteria(c: dict) -> None:
-    print("\n== criteria (targets reported, not asserted) ==")
-    s = c.get("small_b1_us_per_token")
-    if s:
-        print(f"small b1 engine: {s['value']:.1f} us/token (target <= {s['target']:.0f}) "
-              f"-> {'meets' if s['meets'] else 'MISSES'}")
-    else:
-        print("small b1 engine: not measured")
-    h = c.get("speedup_vs_hf")
-    print(f"speedup vs HF generate (small b1): {h['value']:.2f}x (target >= {h['target']:.0f}x) "
-          f"-> {'meets' if h['meets'] else 'MISSES'}" if h else
-          "speedup vs HF generate: not measured (transformers missing or size skipped)")
-    if "speedup_vs_eager_loop" in c:
-        print(f"speedup vs our eager loop (small b1): {c['speedup_vs_eager_loop']:.2f}x")
-    for p in c.get("sqt_vs_baseline", []):
-        parts = []
-        for k in ("engine", "eager"):
-            if k in p:
-                q = p[k]
-                parts.append(f"{k}: SQT/MHA time {q['ratio_median']:.3f} "
-                             f"[{q['ratio_min']:.3f}-{q['ratio_max']:.3f}, {q['rounds']} rounds]"
-                             f" = {q['sqt_faster_pct']:+.1f}% faster")
-        print(f"SQT vs baseline {p['size']:6s} b{p['batch']:<3d} (seed claims "
-              f"{p['seed_claim']}): " + "; ".join(parts))
-
-
-# -- docs/results.md ----------------------------------------------------------------------------
-
-def newest_json(results_dir: pathlib.Path) -> Optional[pathlib.Path]:
-    files = sorted(pathlib.Path(results_dir).glob("decode_*.json"))
-    return files[-1] if files else None
-
-
-def _us(x) -> str:
-    return f"{x * 1e3:.1f}" if isinstance(x, (int, float)) and math.isfinite(x) else "–"
-
-
-def kv_size_lines(res: dict, size: str = "large", batch: int = 64, ctx: int = 4096) -> list:
-    """How K/V-cache size moves tokens/s where decoding is bandwidth-bound: the larger model at
-    a long context and a large batch, against the bytes-moved bound of each variant."""
-    rows = [r for r in res.get("cases", []) if r.get("status") == "ok" and r["size"] == size
-            and r["batch"] == batch and r["context"] == ctx]
-    if not rows:
-        return []
-    rows.sort(key=lambda r: -r["kv_bytes_per_token"])
-    base = rows[0]["engine"]["tokens_per_s"]
-    out = ["", f"### K/V-cache size and decode throughput ({size}, batch {batch}, context {ctx})",
-           "", "| variant | KV bytes / token | tokens/s | vs largest cache | bytes-moved bound "
-           "µs/token | measured µs/token | % of bound |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        b = r.get("bound", {})
-        out.append(f"| {r['variant']} | {r['kv_bytes_per_token']} | "
-                   f"{r['engine']['tokens_per_s']:.0f} | "
-                   f"{r['engine']['tokens_per_s'] / base:.2f}x | "
-                   f"{_us(b.get('ms_per_token'))} | {_us(r['engine']['median_ms'])} | "
-                   f"{b.get('fraction_of_bound', 0) * 100:.0f}% |")
-    return out
-
-
-def fallback_lines(res: dict) -> list:
-    """Rows marked compiled whose profiled step launched clearly more kernels than the fewest any
-    compiled row of that size launched: their step most likely ran uncompiled (dynamo stops
-    compiling a function after its recompile limit and runs it eagerly, without an error)."""
-    flagged = []
-    for size in {r["size"] for r in res.get("cases", [])}:
-        rows = [r for r in res["cases"] if r["size"] == size and r.get("compiled")
-                and isinstance(r.get("kernels"), dict) and r["kernels"].get("per_step")]
-        if len(rows) < 2:
-            continue
-        least = min(r["kernels"]["per_step"] for r in rows)
-        flagged += [(r, least) for r in rows if r["kernels"]["per_step"] > 1.15 * least]
-    if not flagged:
-        return []
-    names = ", ".join(f"{r['size']} {r['variant']} b{r['batch']} ({r['kernels']['per_step']:.0f} "
-                      f"vs {least:.0f} kernels/step)" for r, least in flagged)
-    return ["", f"**Caution:** rows marked compiled whose profiled step launched clearly more "
-            f"kernels than the leanest compiled row of their size most likely ran uncompiled "
-            f"(dynamo's recompile limit): {names}. Their timings, and SQT-vs-MHA ratios at a "
-            "compiled size that involve them, compare a compiled step with an uncompiled one."]
-
-
-def render_markdown(res: dict, source: str = "") -> str:
-    rec = res.get("run_record", {})
-    lines = ["## Decode: engine vs eager loop vs Hugging Face", "",
-             f"Source: `{source}`. Device: {rec.get('device')}; torch {rec.get('torch')}; "
-             f"{res.get('dtype')}; copy bandwidth {res.get('copy_bandwidth_gbs', 0):.0f} GB/s. "
-             "Per-token latency in µs (median); context = cache length at the end of the timed "
-             "tokens. Method: see the JSON's `method`.", ""]
-    hf = {(h["size"], h["batch"], h["context"]): h["hf"]["median_ms"] for h in res.get("hf", [])}
-    lines += ["| size | variant | batch | context | compiled | engine µs/tok | tok/s | "
-              "eager µs/tok | HF µs/tok | KV B/token | % of bytes bound | prefill ms |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in res.get("cases", []):
-        if r.get("status") != "ok":
-            lines.append(f"| {r['size']} | {r['variant']} | {r['batch']} | {r['context']} | | "
-                         f"{r.get('status')} | | | | {r['kv_bytes_per_token']} | | |")
-            continue
-        hf_ms = hf.get((r["size"], r["batch"], r["context"])) if r["variant"] == "mha" else None
-        bound = f"{r['bound']['fraction_of_bound'] * 100:.0f}%" if "bound" in r else "–"
-        prefill = f"{r['prefill']['median_ms']:.2f}" if "prefill" in r else "–"
-        lines.append(
-            f"| {r['size']} | {r['variant']} | {r['batch']} | {r['context']} | "
-            f"{'yes' if r.get('compiled') else 'no'} | "
-            f"{_us(r['engine']['median_ms'])} | {r['engine']['tokens_per_s']:.0f} | "
-            f"{_us(r.get('eager', {}).get('median_ms'))} | {_us(hf_ms)} | "
-            f"{r['kv_bytes_per_token']} | {bound} | {prefill} |")
-    if res.get("hf_status"):
-        lines += ["", f"Hugging Face: {res['hf_status']}."]
-    lines += kv_size_lines(res) + fallback_lines(res)
-    c = res.get("criteria", {})
-    lines += ["", "### Criteria", ""]
-    s = c.get("small_b1_us_per_token")
-    if s:
-        lines.append(f"- small, batch 1: {s['value']:.1f} µs/token (target ≤ {s['target']:.0f}): "
-                     f"{'meets' if s['meets'] else 'misses'}.")
-    h = c.get("speedup_vs_hf")
-    if h:
-        lines.append(f"- vs Hugging Face generate: {h['value']:.2f}x (target ≥ "
-                     f"{h['target']:.0f}x): {'meets' if h['meets'] else 'misses'}.")
-    compiled = {(p["size"], p["batch"]): p.get("compiled")
-                for p in res.get("sqt_vs_baseline", [])}
-    for p in c.get("sqt_vs_baseline", []):
-        for k in ("engine", "eager"):
-            if k in p:
-                q = p[k]
-                how = (f"SQT {q['sqt_faster_pct']:.1f}% faster" if q["sqt_faster_pct"] >= 0
-                       else f"SQT {-q['sqt_faster_pct']:.1f}% slower")
-                lines.append(f"- SQT vs MHA, {p['size']}, batch {p['batch']}, {k}"
-                             f"{' (compiled step)' if compiled.get((p['size'], p['batch'])) and k == 'engine' else ''}"
-                             f": {how} (SQT/MHA time "
-                             f"{q['ratio_median']:.3f}, range {q['ratio_min']:.3f}–"
-                             f"{q['ratio_max']:.3f} over {q['rounds']} rounds); the seed claims "
-                             f"{p['seed_claim']}.")
-    verdict = sqt_verdict(c.get("sqt_vs_baseline", []), res.get("cases", []))
-    if verdict:
-        lines += ["", verdict]
-    if res.get("skipped"):
-        lines += ["", f"Skipped: {len(res['skipped'])} case(s) (see the JSON)."]
-    return "\n".join(lines) + "\n"
-
-
-def sqt_verdict(pairs: list[dict], rows: list[dict]) -> Optional[str]:
-    """Whether the seed's SQT speedup survives once launch overhead is gone, read from the
-    engine's alternating rounds: the claim holds only where SQT's whole range is faster; with
-    the kernels each profiled step launched, where the run has them."""
-    engine = [(p["size"], p["batch"], p["engine"]) for p in pairs if "engine" in p]
-    if not engine:
-        return None
-    faster = [f"{s} b{b}" for s, b, q in engine if q["ratio_max"] < 1]
-    slower = [f"{s} b{b}" for s, b, q in engine if q["ratio_min"] > 1]
-    pct = [(1 - q["ratio_median"]) * 100 for _, _, q in engine]
-    text = (f"**Reading.** On the engine (CUDA graphs, no launch overhead), SQT's median decode "
-            f"time ranges from {-max(pct):+.1f} % to {-min(pct):+.1f} % against MHA "
-            f"(negative: faster). Faster over every round at: {', '.join(faster) or 'none'}; "
-            f"slower over every round at: {', '.join(slower) or 'none'}.")
-    if not faster:
-        text += " The seed's 8–16 % speedup does not hold once launch overhead is gone."
-    counts = [(r["size"], r["variant"], r["kernels"]["per_step"]) for r in rows
-              if r.get("batch") == 1 and r.get("variant") in ("mha", "sqt")
-              and (r.get("kernels") or {}).get("per_step")]
-    n: dict = {}
-    for sz, v, k in counts:            # rows run shortest context first: keep that one
-        n.setdefault((sz, v), k)
-    sizes = list(dict.fromkeys(sz for sz, v in n if v == "mha" and (sz, "sqt") in n))
-    if sizes:
-        text += (" Kernels per profiled step at batch 1, MHA vs SQT: " + ", ".join(
-            f"{sz} {n[(sz, 'mha')]:.0f} vs {n[(sz, 'sqt')]:.0f}" for sz in sizes)
-            + "; a static query drops one slice of the fused Q/K/V matmul but adds its "
-            "table lookup, and at these sizes a step's time follows its kernels, not its FLOPs.")
-    return text
-
-
-def markdown_section(results_dir: pathlib.Path,
-                     doc_dir: Optional[pathlib.Path] = None) -> Optional[str]:
-    """The docs/results.md section from the newest decode JSON, or None if there is none.
-    It draws no figure, so doc_dir (where a section may write one) goes unused."""
-    path = newest_json(results_dir)
-    if path is None:
-        return None
-    return render_markdown(json.loads(path.read_text()), str(path))
 
 
 def _ints(s: str) -> list[int]:
@@ -644,7 +423,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     result = run(args)
-    print_criteria(result["criteria"])
+    report_run(result["path"])     # the run's section: every row, the criteria, the reading
     if result["skipped"]:
         print(f"skipped {len(result['skipped'])} case(s); see the JSON")
     print(f"wrote {result['path']}")

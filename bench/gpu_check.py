@@ -12,12 +12,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.common import atomic_write_json, run_record, time_fn
+from bench.common import atomic_write_json, attention_kernel_names, run_record, time_fn
 from sqt import TransformerLM, preset
 from sqt.config import VARIANTS
 
 CASES = list(VARIANTS) + ["mha@128", "sqa@128", "table:xsqa", "rotary:gqa"]
-ATTN_HINTS = ("flash", "fmha", "cudnn", "attention", "flex", "triton_tem", "efficient")
 
 
 def attention_kernels(fn) -> list[str]:
@@ -25,8 +24,8 @@ def attention_kernels(fn) -> list[str]:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    names = {e.name for e in prof.events() if e.device_type.name == "CUDA"}
-    return sorted(n for n in names if any(h in n.lower() for h in ATTN_HINTS))
+    return attention_kernel_names(e.name for e in prof.events()
+                                  if e.device_type.name == "CUDA")
 
 
 def check_variants(device) -> list[dict]:

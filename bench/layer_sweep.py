@@ -13,8 +13,8 @@ import sys
 from sqt.config import PRESETS, hybrid_layers, preset
 from sqt.utils import atomic_write_json
 
-from .sweep import SIZE_HPARAMS, SIZES, aggregate, check_args, common_args, execute, fmt, pct, \
-    speed_note, table
+from .common import report_run
+from .sweep import SIZE_HPARAMS, SIZES, aggregate, check_args, common_args, execute
 
 
 def largest_within(rows: list[dict], tolerance: float):
@@ -71,28 +71,10 @@ def main(argv=None) -> int:
                "hparams": SIZE_HPARAMS.get(args.size),
                "overrides": {"lr": args.lr, "dropout": args.dropout}, "rows": rows}
     atomic_write_json(run_dir / "summary.json", summary)
-    print(f"\nLayer sweep: {args.size}, first N layers {args.sqt}, rest {args.rest} "
-          f"({args.steps} steps, {args.seeds} seed(s))\n")
-    print(render_rows(rows))
-    print(f"\nLargest N within {100 * args.tolerance:g} % of N = 0 (best-val ppl <= {limit:.3f}): "
-          f"N = {best_n}")
-    print("\n" + speed_note(rows, record))
+    print()
+    report_run(run_dir / "summary.json")
     print(f"\nWall time {record['total_wall_s']:.1f} s. Summary: {run_dir / 'summary.json'}")
     return 0
-
-
-def render_rows(rows: list[dict]) -> str:
-    base = rows[0]
-    out = [[str(r["n_sqt"]), str(r["params"]), fmt(r["best_val_ppl"], 3),
-            pct(r["best_val_ppl"]["mean"], base["best_val_ppl"]["mean"]),
-            fmt(r["final_val_ppl"], 3), fmt(r["best_val_acc"], 2, 100),
-            "-" if r["forward_ms"] is None else f"{r['forward_ms']:.3f}",
-            pct(r["forward_ms"], base["forward_ms"]),
-            "-" if r["decode_ms_per_token"] is None else f"{r['decode_ms_per_token']:.3f}",
-            pct(r["decode_ms_per_token"], base["decode_ms_per_token"])] for r in rows]
-    return table(["N (SQT layers)", "params", "ppl (best)", "Δ ppl", "ppl (final)",
-                  "val accuracy (%)", "forward ms", "Δ forward", "decode ms / token",
-                  "Δ decode"], out)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The size sweep: train every (size, variant, seed) on character-level Tiny Shakespeare, time the
-inference of each architecture, and write per-run JSON, a summary JSON, the seed-style table, the
-variant-quality table and a learning-curve plot under bench/results/sweep/<run id>/.
+inference of each architecture, and write per-run JSON and a summary JSON under
+bench/results/sweep/<run id>/; `python -m bench.report --run` then prints the run's tables and
+draws its learning curves beside it.
 
     python -m bench.sweep --sizes tiny small medium --steps 2000
     python -m bench.sweep --variants mha gqa mqa sqa ssqa xsqa xsmqa lsqa rsqa sqt --seeds 3
@@ -27,7 +28,7 @@ import torch
 from sqt.config import PRESETS, VARIANTS, param_count, preset
 from sqt.utils import atomic_write_json, run_record
 
-from .common import matmul_peak_tflops
+from .common import matmul_peak_tflops, report_run
 
 # Per-size hyperparameters: the learning rate peaks after `warmup` steps and decays by cosine to
 # lr/10 at the last step; dropout is the model's. Smaller models tolerate a higher rate and need
@@ -211,122 +212,6 @@ def aggregate(results: list[dict]) -> list[dict]:
     return rows
 
 
-def fmt(ms: dict, digits: int = 2, scale: float = 1.0) -> str:
-    if ms is None or ms.get("mean") is None:
-        return "-"
-    s = f"{ms['mean'] * scale:.{digits}f}"
-    return s + (f" ± {ms['std'] * scale:.{digits}f}" if ms["n"] > 1 else "")
-
-
-def pct(new, old) -> str:
-    return "-" if new is None or old is None else f"{100 * (new / old - 1):+.1f} %"
-
-
-def params_str(n: int) -> str:
-    return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n / 1e3:.0f} k"
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
-def seed_table(rows: list[dict], baseline: str) -> str:
-    """The seed README's table: each variant against the baseline of its size."""
-    by = {(r["size"], r["variant"]): r for r in rows}
-    out = []
-    for r in rows:
-        base = by.get((r["size"], baseline))
-        if base is None or r["variant"] == baseline:
-            continue
-        bb, vb = base["best_val_ppl"]["mean"], r["best_val_ppl"]["mean"]
-        bf, vf = base["final_val_ppl"]["mean"], r["final_val_ppl"]["mean"]
-        out.append([r["size"], r["variant"], f"{params_str(base['params'])} / "
-                    f"{params_str(r['params'])}", fmt(base["best_val_ppl"], 3),
-                    fmt(r["best_val_ppl"], 3), pct(vb, bb), fmt(base["final_val_ppl"], 3),
-                    fmt(r["final_val_ppl"], 3), pct(vf, bf),
-                    pct(r["forward_ms"], base["forward_ms"]),
-                    pct(r["decode_ms_per_token"], base["decode_ms_per_token"])])
-    return table(["size", "variant", "params (base / variant)", f"{baseline} ppl (best)",
-                  "variant ppl (best)", "Δ ppl", f"{baseline} ppl (final)", "variant ppl (final)",
-                  "Δ ppl (final)", "forward latency", "decode latency"], out)
-
-
-def quality_table(rows: list[dict]) -> str:
-    out = [[r["size"], r["variant"], params_str(r["params"]), fmt(r["best_val_loss"], 4),
-            fmt(r["best_val_ppl"], 3), fmt(r["best_val_acc"], 2, 100), fmt(r["ms_per_step"], 2),
-            str(r["seeds"])] for r in rows]
-    return table(["size", "variant", "params", "best val loss (nats)", "best val ppl",
-                  "val accuracy (%)", "ms / train step", "seeds"], out)
-
-
-def speed_table(rows: list[dict]) -> str:
-    out = [[r["size"], r["variant"], fmt(r["ms_per_step"], 2), fmt(r["tokens_per_s"], 0),
-            fmt(r["mfu"], 1, 100), fmt(r["achieved_tflops"], 2),
-            "-" if r["forward_ms"] is None else f"{r['forward_ms']:.3f}",
-            "-" if r["decode_ms_per_token"] is None else f"{r['decode_ms_per_token']:.3f}"]
-           for r in rows]
-    return table(["size", "variant", "ms / train step", "tokens / s", "MFU (%)", "TFLOP/s",
-                  "forward ms (1×256)", "decode ms / token"], out)
-
-
-def speed_note(rows: list[dict], record: dict) -> str:
-    r = rows[0] if rows else {}
-    precision = ("bfloat16 autocast" if r.get("train_dtype") == "bfloat16"
-                 else f"{r.get('train_dtype')}, no autocast")
-    slots = record.get("device_slots")
-    if record["jobs"] > 1 and slots == 1:
-        sharing = (f"{record['jobs']} worker processes compiling side by side, one training at a "
-                   "time (step times isolated)")
-    elif record["jobs"] > 1:
-        sharing = (f"{record['jobs']} concurrent job(s) on one device (step times are "
-                   "shared-device throughput, not isolated; use --device-slots 1 for isolated "
-                   "step times)")
-    else:
-        sharing = "one run at a time (step times isolated)"
-    note = (f"Training: {precision}, compiled={r.get('train_compiled')}, {sharing}"
-            + f". MFU against the measured {record['peak_dtype']} matmul peak of "
-            f"{record['matmul_peak_tflops']:.3g} TFLOP/s. ")
-    if r.get("forward_ms") is None:
-        return note + "Inference latency not measured (--no-latency)."
-    decode = ("decode eager with the KV cache" if not r.get("decode_engine") else
-              f"decode on {r['decode_engine']} (CUDA graphs: {r.get('decode_cuda_graphs')})")
-    return note + (f"Inference: batch 1, weights in {r.get('latency_dtype')}, forward "
-                   f"compiled={r.get('latency_compiled')}, {decode}; medians after warm-up.")
-
-
-def plot_curves(results: list[dict], path: Path) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: matplotlib is not installed; skipping the learning-curve plot "
-              "(pip install 'sqt[plot]')")
-        return False
-    sizes = list(dict.fromkeys(r["size"] for r in results))
-    fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
-    for ax, size in zip(axes[0], sizes):
-        for i, variant in enumerate(dict.fromkeys(r["variant"] for r in results
-                                                  if r["size"] == size)):
-            rs = [r for r in results if r["size"] == size and r["variant"] == variant]
-            steps = [c["step"] for c in rs[0]["curves"]]
-            for key, style in (("val_loss", "-"), ("train_loss", ":")):
-                ys = [statistics.fmean(r["curves"][j][key] for r in rs) for j in range(len(steps))]
-                ax.plot(steps, ys, style, color=f"C{i}",
-                        label=f"{variant} {'val' if key == 'val_loss' else 'train'}")
-        ax.set_title(size)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss (nats / char)")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
 def common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--seeds", type=int, default=1, help="seeds per (size, variant): 0..N-1")
@@ -420,28 +305,17 @@ def main(argv=None) -> int:
 
 def summarize(run_dir: Path, results: list[dict], record: dict, meta: dict,
               plot: bool = True) -> dict:
-    """Write summary.json from the runs' results and print the tables."""
+    """Write summary.json from the runs' results, then show it as the report renders it."""
     rows = aggregate(results)
-    plotted = plot and plot_curves(results, run_dir / "curves.png")
     summary = {"kind": "sweep", "run_record": record, **meta,
                "hparams": {s: SIZE_HPARAMS.get(s) for s in meta["sizes"]},
                "shared": SHARED_HPARAMS,
                "rows": rows, "runs": sorted(str(p.relative_to(run_dir)) for p in
-                                            (run_dir / "runs").glob("*.json")),
-               "plot": "curves.png" if plotted else None}
+                                            (run_dir / "runs").glob("*.json"))}
     atomic_write_json(run_dir / "summary.json", summary)
-    print(f"\nSize sweep ({meta['steps']} steps, batch {meta['batch_size']} x {meta['seq_len']}, "
-          f"{meta['seeds']} seed(s); mean ± std over seeds)\n")
-    print(seed_table(rows, meta["baseline"]))
-    print("\nVariant quality\n")
-    print(quality_table(rows))
-    print("\nSpeed\n")
-    print(speed_table(rows))
-    print("\n" + speed_note(rows, record))
-    if record.get("total_wall_s") is not None:
-        print(f"\nSweep wall time {record['total_wall_s']:.1f} s from process start (training "
-              f"{record['train_wall_s']:.1f} s, incl. compilation and evaluation).")
-    print(f"Summary: {run_dir / 'summary.json'}")
+    print()
+    report_run(run_dir / "summary.json", *([] if plot else ["--no-plot"]))
+    print(f"\nSummary: {run_dir / 'summary.json'}")
     return summary
 
 

@@ -6,7 +6,8 @@ the matmul peak measured in the same run, and the kernel that ran recorded from 
     python -m bench.throughput --seqs 1024,4096 --variants mha,sqa --modes forward --list
 
 Results go to bench/results/throughput_<time>.json (rewritten after every case, so a killed run
-keeps what it measured), with a .md table and a log-log .png beside it."""
+keeps what it measured); at the end `python -m bench.report --run` writes the run's .md table
+and log-log .png beside it and prints its criteria."""
 
 from __future__ import annotations
 
@@ -19,11 +20,9 @@ import time
 
 import torch
 
-from bench.common import atomic_write_json, matmul_peak_tflops, run_record, time_fn
+from bench.common import atomic_write_json, matmul_peak_tflops, report_run, run_record, time_fn
 from bench.throughput_cases import (MODEL_FAMILIES, MODELS, OP_FAMILIES, SDPA_FORCE, TRAIN_MODES,
                                     build_case, head_dim_of, n_heads_of, profile_kernels)
-from bench.throughput_glance import markdown_section  # noqa: F401  (bench.report renders it)
-from bench.throughput_report import PAPER_BATCH, analyse, render_markdown, write_plot
 from sqt.config import parse_layer
 from sqt.utils import allow_many_recompiles
 from sqt.flops import attention_flops, forward_flops
@@ -44,6 +43,8 @@ DEFAULT_SUBSETS = {
     "op_variants": ("mha", "gqa", "sqa", "ssqa", "xsqa", "mha@128"),
     "op_flex_variants": ("mha",),
 }
+# The SQA paper's batches (its Table 3): 131072 tokens per step, at least one sequence.
+PAPER_TOKENS_PER_STEP = 131072
 MODE_COST = {"forward": 1.0, "train": 3.5,   # rough: backward ~2.5x forward for attention
              "train-ckpt": 4.5}            # plus the recomputed forward
 
@@ -127,7 +128,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def batch_for(seq: int, overrides: dict) -> int:
     if seq in overrides:
         return overrides[seq]
-    return PAPER_BATCH.get(seq, max(1, 131072 // seq))
+    return max(1, PAPER_TOKENS_PER_STEP // seq)
 
 
 def _wanted(a, op: bool, mode: str, family: str, variant: str, window) -> bool:
@@ -343,17 +344,11 @@ def main(argv=None) -> dict:
     result["matmul_peak_tflops"]["end"] = matmul_peak_tflops(device, n=a.peak_size)
     result["elapsed_s"] = time.perf_counter() - start
     result["complete"] = True
-    analysis = analyse(result)
-    result.update(analysis)
-    plot_note = "skipped (--no-plot)" if a.no_plot else write_plot(result,
-                                                                  json_path.with_suffix(".png"))
-    result["plot"] = plot_note
     atomic_write_json(json_path, result)
-    (json_path.with_suffix(".md")).write_text(render_markdown(result))
     print()
-    for line in analysis["criteria_lines"]:
-        print(line)
-    print(f"\nwrote {json_path} (+ .md; plot: {plot_note}) in {result['elapsed_s']:.0f} s")
+    report_run(json_path, "--out", str(json_path.with_suffix(".md")),
+               *(["--no-plot"] if a.no_plot else []))
+    print(f"\nwrote {json_path} in {result['elapsed_s']:.0f} s")
     return result
 
 

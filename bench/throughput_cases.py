@@ -12,6 +12,7 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.nn.functional as F
 
+from bench.common import attention_kernel_names
 from sqt import kernels
 from sqt.config import LayerSpec, LMConfig, parse_layer, preset
 from sqt.flops import attention_flops, forward_flops, train_step_flops
@@ -161,10 +162,6 @@ def _op_case(model_name, family, variant, seq, batch, device, gen) -> Case:
 
 # --- which kernel ran -------------------------------------------------------------------------
 
-ATTENTION_HINTS = ("flash", "fmha", "cudnn", "flex", "attention", "attn", "triton_tem", "sdpa",
-                   "memeff", "softmax")
-
-
 def kernel_kind(name: str) -> Optional[str]:
     """The attention implementation one kernel (or CPU op) name belongs to, or None. cuDNN's own
     kernels also say 'flash' (it implements FlashAttention-2), so cuDNN is tested first."""
@@ -206,8 +203,7 @@ def profile_kernels(fn: Callable[[], object], device: torch.device) -> dict:
             torch.cuda.synchronize(device)
     events = prof.key_averages()
     want_cuda = device.type == "cuda"
-    names = sorted({e.key for e in events
-                    if (str(e.device_type).endswith("CUDA") == want_cuda)
-                    and any(h in e.key.lower() for h in ATTENTION_HINTS)})
+    names = attention_kernel_names(e.key for e in events
+                                   if str(e.device_type).endswith("CUDA") == want_cuda)
     return {"kernels": [n[:200] for n in names[:12]], "kernel_family": kernel_family(names),
             "kernel_source": "cuda-kernels" if want_cuda else "cpu-ops"}

@@ -1,10 +1,13 @@
-"""A tiny CPU run of the decode benchmark: the JSON has every part, the criteria and the
-markdown section render. Speeds on the CPU mean nothing; only the plumbing is tested."""
+"""A tiny CPU run of the decode benchmark: the JSON has every part, and the report renders it
+(printed after the run, and as docs/results.md's section). Speeds on the CPU mean nothing; only
+the plumbing is tested."""
 
 import importlib.util
 import json
 
 import bench.decode as decode
+from bench.report.document import Context
+from bench.report.sections import decode as report_section
 
 
 def test_decode_benchmark_smoke(tmp_path, capsys):
@@ -13,8 +16,8 @@ def test_decode_benchmark_smoke(tmp_path, capsys):
             "--eager-tokens", "3", "--repeats", "2", "--eager-repeats", "1", "--rounds", "2",
             "--eager-rounds", "1", "--profile-sizes", "tiny", "--case-seconds", "1"]
     assert decode.main(argv) == 0
-    printed = capsys.readouterr().out
-    assert "criteria" in printed and "SQT vs baseline tiny" in printed
+    printed = capsys.readouterr().out     # the report's section, run as its own process
+    assert "### Criteria" in printed and "- SQT vs MHA, tiny, batch 1, engine" in printed
     (path,) = tmp_path.glob("decode_*.json")
     res = json.loads(path.read_text())
     rows = {r["variant"]: r for r in res["cases"]}
@@ -30,21 +33,6 @@ def test_decode_benchmark_smoke(tmp_path, capsys):
         assert res["hf_status"] == "not installed"
     else:
         assert res["hf"] and res["hf"][0]["hf"]["median_ms"] == res["hf"][0]["hf"]["median_ms"]
-    md = decode.markdown_section(tmp_path)
+    md = report_section.section(Context(tmp_path))
     assert md.startswith("## Decode") and "| tiny | sqt | 1 | 32 |" in md
-    assert decode.markdown_section(tmp_path / "empty") is None
-
-
-def test_compiled_rows_that_fell_back_are_flagged():
-    """A row marked compiled whose step launched clearly more kernels than the leanest compiled
-    row of its size is named; rows near the leanest are not."""
-    from bench.decode import fallback_lines
-
-    def row(variant, per_step, compiled=True):
-        return {"size": "small", "variant": variant, "batch": 1, "compiled": compiled,
-                "kernels": {"per_step": per_step}}
-    res = {"cases": [row("mha", 60), row("gqa", 64), row("sqt", 85), row("xsqa", 90, False)]}
-    text = "\n".join(fallback_lines(res))
-    assert "small sqt b1 (85 vs 60" in text
-    assert "gqa" not in text and "xsqa" not in text
-    assert fallback_lines({"cases": [row("mha", 60), row("gqa", 64)]}) == []
+    assert report_section.section(Context(tmp_path / "empty")) is None

@@ -1,8 +1,8 @@
-"""Every throughput run at once, for docs/results.md: the criteria of every run in one table with
-how often each held, then the newest measurement of each cell across runs (the paper's Table 3
-beside ours, every model, mode and backend, the matched comparisons and a log-log plot), then
-each run's own section. Runs are independent measurements: a newer one never averages with an
-older one, and every speedup is a ratio of two timings from the same run."""
+"""Every throughput run at once: the criteria of every run in one table with how often each held,
+then the newest measurement of each cell across runs (the paper's Table 3 beside ours, every
+model, mode and backend, the matched comparisons and a log-log plot), then each run's own
+section. Runs are independent measurements: a newer one never averages with an older one, and
+every speedup is a ratio of two timings from the same run."""
 
 from __future__ import annotations
 
@@ -10,14 +10,34 @@ import json
 import pathlib
 from typing import Optional
 
-from bench.common import run_notes
-from bench.throughput_report import _cell as report_cell
-from bench.throughput_report import (CRITERIA_SEQ, PAPER_BATCH, UNIFORM_BACKEND, _key,
-                                     _matched_md, _paper_tables, _table, _variant_order,
-                                     add_speedups, analyse, label, matched, peak_used,
-                                     render_markdown, write_plot)
+from ..claims import PAPER_BATCH, THROUGHPUT_SEQ
+from ..markdown import label, table_lines, variant_order
+from ..plots import throughput_plot, written
+from .throughput_analysis import UNIFORM_BACKEND, add_speedups, analyse, case_key, matched, \
+    peak_used
+from .throughput_run import cell, groups_of, matched_md, paper_tables, render_markdown
 
 PLOT_NAME = "throughput.png"
+
+
+def section(ctx) -> Optional[str]:
+    """The criteria of every throughput JSON, the newest-per-cell view (its plot written into
+    ctx.figure_dir), then one section per JSON, newest first; None if there is none."""
+    paths = sorted(pathlib.Path(ctx.results).glob("throughput_*.json"), reverse=True)
+    if not paths:
+        return None
+    # Criteria are re-derived from each run's cases, so every run is judged by the same rules.
+    loaded = [(p, judged(json.loads(p.read_text()), p)) for p in paths]
+    parts = [criteria_across_runs(loaded, ctx.notes), glance(loaded, ctx.figure_dir)]
+    return "\n\n".join([x for x in parts if x] + [
+        render_markdown(r, source=p.as_posix(), note=ctx.notes.get(p.name)) for p, r in loaded])
+
+
+def judged(result: dict, path: pathlib.Path) -> dict:
+    """A run with its analysis, and its plot where `--run` drew one beside it (newer runs do not
+    record the plot in their JSON; older ones did)."""
+    plot = path.with_suffix(".png")
+    return {**({"plot": plot.as_posix()} if plot.exists() else {}), **result, **analyse(result)}
 
 
 def run_tag(path: pathlib.Path) -> str:
@@ -41,9 +61,9 @@ def merged_cases(loaded: list[tuple[pathlib.Path, dict]]) -> list[dict]:
                 continue
             ok = c.get("status") == "ok"
             rank = (ok, ok and c.get("vs_mha") is not None, path.name)
-            cell = _key(c) + (c.get("batch"),)
-            if cell not in best or rank > best[cell][0]:
-                best[cell] = (rank, {**c, "run": path.name, "tag": run_tag(path), "peak": peak})
+            key = case_key(c) + (c.get("batch"),)
+            if key not in best or rank > best[key][0]:
+                best[key] = (rank, {**c, "run": path.name, "tag": run_tag(path), "peak": peak})
     return [case for _, case in best.values()]
 
 
@@ -57,27 +77,25 @@ def merged_matched(loaded: list[tuple[pathlib.Path, dict]]) -> list[dict]:
     return list(rows.values())
 
 
-def _cell(c: Optional[dict]) -> str:
+def tagged_cell(c: Optional[dict]) -> str:
     """The per-run cell (its own run's peak for op-level %), followed by the run's tag."""
-    return "" if c is None else f"{report_cell(c, c['part'] == 'op', c['peak'])} · {c['tag']}"
+    return "" if c is None else f"{cell(c, c['part'] == 'op', c['peak'])} · {c['tag']}"
 
 
-def _tables(cases: list[dict]) -> list[str]:
+def tables(cases: list[dict]) -> list[str]:
     out = []
-    groups = sorted({(c["part"], c["model"], c["mode"], c["family"]) for c in cases},
-                    key=lambda g: (g[0] != "model", g[1], g[2], g[3]))
-    for g in groups:
+    for g in groups_of(cases):
         sub = [c for c in cases if (c["part"], c["model"], c["mode"], c["family"]) == g]
         cols = sorted({(c["seq"], c["batch"]) for c in sub})
         by = {(c["seq"], c["batch"], c["variant"]): c for c in sub}
-        rows = [[label(v)] + [_cell(by.get((s, b, v))) for s, b in cols]
-                for v in sorted({c["variant"] for c in sub}, key=_variant_order)]
+        rows = [[label(v)] + [tagged_cell(by.get((s, b, v))) for s, b in cols]
+                for v in sorted({c["variant"] for c in sub}, key=variant_order)]
         out += [f"**{g[1]} · {g[2]} · {g[3]}**", ""]
-        out += _table(["variant"] + [f"{s:,} × {b}" for s, b in cols], rows) + [""]
+        out += table_lines(["variant"] + [f"{s:,} × {b}" for s, b in cols], rows) + [""]
     return out
 
 
-def _family_reading(cases: list[dict], pairs: list[dict]) -> list[str]:
+def family_reading(cases: list[dict], pairs: list[dict]) -> list[str]:
     """Where a speedup is read on two families, say how each family runs the baseline too (a
     family that runs MHA better shows a smaller ratio for the same variant time), beside the
     whole-model FLOP ratio: the speedup a model running both at one efficiency would show."""
@@ -88,7 +106,7 @@ def _family_reading(cases: list[dict], pairs: list[dict]) -> list[str]:
                    and ("flex", s, "xsqa") in by})
     if not seqs:
         return []
-    s = CRITERIA_SEQ if CRITERIA_SEQ in seqs else seqs[-1]   # where the criteria are judged
+    s = THROUGHPUT_SEQ if THROUGHPUT_SEQ in seqs else seqs[-1]   # where the criteria are judged
     m_s, m_f = by[("sdpa", s, "mha")], by[("flex", s, "mha")]
     x_s, x_f = by[("sdpa", s, "xsqa")], by[("flex", s, "xsqa")]
     flop = next((r["flop_ratio"] for r in pairs if r["model"] == "paper" and r["seq"] == s
@@ -104,7 +122,7 @@ def _family_reading(cases: list[dict], pairs: list[dict]) -> list[str]:
                "efficiently than the variant." if flop else "")]
 
 
-def _width_reading(rows: list[dict]) -> list[str]:
+def width_reading(rows: list[dict]) -> list[str]:
     """The same head cut at every model width measured at one length: how the whole-model
     speedup follows the whole-model FLOP ratio as projections and MLP grow with d_model."""
     rows = [r for r in rows if r["part"] == "model" and r["mode"] == "forward"
@@ -125,17 +143,18 @@ def _width_reading(rows: list[dict]) -> list[str]:
             f"which the head cut does not shrink; measured over FLOP ratio: {fit}."]
 
 
-def glance(loaded: list[tuple[pathlib.Path, dict]], doc_dir: Optional[pathlib.Path]) -> str:
+def glance(loaded: list[tuple[pathlib.Path, dict]],
+           figure_dir: Optional[pathlib.Path]) -> str:
     cases = merged_cases(loaded)
     if not cases:
         return ""
     seqs = sorted({c["seq"] for c in cases})
     plot = None
-    if doc_dir is not None:
+    if figure_dir is not None:
         paper = [c for c in cases if c["status"] == "ok" and c["part"] == "model"
                  and c["model"] == "paper" and c["batch"] == PAPER_BATCH.get(c["seq"], c["batch"])]
-        note = write_plot({"cases": paper}, pathlib.Path(doc_dir) / PLOT_NAME)
-        plot = PLOT_NAME if note.endswith(".png") else None
+        note = throughput_plot({"cases": paper}, pathlib.Path(figure_dir) / PLOT_NAME)
+        plot = PLOT_NAME if written(note) else None
     runs = sorted({(c["tag"], c["run"]) for c in cases})
     L = ["## Long-sequence throughput at a glance (newest measurement of each cell)", "",
          "Each cell comes from the newest run that measured it together with its MHA baseline "
@@ -145,7 +164,7 @@ def glance(loaded: list[tuple[pathlib.Path, dict]], doc_dir: Optional[pathlib.Pa
          "matmul peak of each run are in its own section further down. Runs used: "
          + ", ".join(f"`{t}` = `{r}`" for t, r in runs) + "."
          + (f" Log-log plot of the paper model: [`{plot}`]({plot})." if plot else ""), ""]
-    paper = _paper_tables(cases, seqs)
+    paper = paper_tables(cases, seqs)
     if paper:
         L += ["### Beside the paper's Table 3 (paper's claim: A100 40GB; ours: H100, newest "
               "run per cell)", ""] + paper
@@ -153,12 +172,12 @@ def glance(loaded: list[tuple[pathlib.Path, dict]], doc_dir: Optional[pathlib.Pa
           "Model level: seconds per step, speedup over MHA, peak memory. Op level: the attention "
           "op alone, time, achieved TFLOP/s and % of its run's measured matmul peak. Columns: "
           "length × batch.", ""]
-    L += _tables(cases)
+    L += tables(cases)
     pairs = merged_matched(loaded)
-    L += _matched_md(pairs)
-    reading = _family_reading(cases, pairs) + _width_reading(pairs)
-    if reading:
-        L += ["### Reading across runs", ""] + reading + [""]
+    L += matched_md(pairs)
+    found = family_reading(cases, pairs) + width_reading(pairs)
+    if found:
+        L += ["### Reading across runs", ""] + found + [""]
     return "\n".join(L)
 
 
@@ -169,7 +188,7 @@ def criteria_across_runs(results: list[tuple[pathlib.Path, dict]],
     to the notes on the runs where it did not."""
     notes = notes or {}
     measured = [(p, k) for p, r in results for k in r.get("criteria", []) if k["status"] != "N/A"]
-    judged = [(p, k) for p, k in measured if k["status"] in ("PASS", "MISS")]
+    with_verdict = [(p, k) for p, k in measured if k["status"] in ("PASS", "MISS")]
     rows = sorted(([k["name"], str(k["measured"]), k["target"], k["status"], f"`{p.name}`"]
                    for p, k in measured if k["name"] != UNIFORM_BACKEND), key=lambda x: x[0])
     uniform = [(p, k) for p, k in measured if k["name"] == UNIFORM_BACKEND]
@@ -179,7 +198,7 @@ def criteria_across_runs(results: list[tuple[pathlib.Path, dict]],
                      + (" (" + "; ".join(failed) + ")" if failed else ""), "all runs",
                      "MISS" if failed else "PASS", "every run"])
     tally: dict[str, list[tuple[str, str]]] = {}
-    for p, k in judged:
+    for p, k in with_verdict:
         tally.setdefault(k["name"], []).append((k["status"], p.name))
     held = []
     for name, runs in sorted(tally.items()):
@@ -192,25 +211,6 @@ def criteria_across_runs(results: list[tuple[pathlib.Path, dict]],
                        if noted else ""))
     return "\n".join(["## Long-sequence throughput: criteria across runs", "",
                       "Each run's own section below gives its method, cases and reading.", ""]
-                     + _table(["criterion", "measured", "target", "", "run"], rows)
+                     + table_lines(["criterion", "measured", "target", "", "run"], rows)
                      + ([""] + ["Not held in every run that measured it:", ""]
                         + [f"- {h}." for h in held] if held else []))
-
-
-def _judged(result: dict) -> dict:
-    return {**result, **analyse(result)}
-
-
-def markdown_section(results_dir: pathlib.Path,
-                     doc_dir: Optional[pathlib.Path] = None) -> Optional[str]:
-    """The criteria of every throughput JSON, the newest-per-cell view (its plot written into
-    doc_dir when given), then one section per JSON, newest first; None if there is none."""
-    paths = sorted(pathlib.Path(results_dir).glob("throughput_*.json"), reverse=True)
-    if not paths:
-        return None
-    # Criteria are re-derived from each run's cases, so every run is judged by the same rules.
-    loaded = [(p, _judged(json.loads(p.read_text()))) for p in paths]
-    notes = run_notes(pathlib.Path(results_dir))
-    parts = [criteria_across_runs(loaded, notes), glance(loaded, doc_dir)]
-    return "\n\n".join([x for x in parts if x] + [
-        render_markdown(r, source=p.as_posix(), note=notes.get(p.name)) for p, r in loaded])

@@ -1,3 +1,5 @@
+# Run from the repository root: OUT=<dir> python <this file>
+# Produced bench/results/clocks/20261123T1656 (see its README).
 # Sustained-load check: SM clock and power while the 200k head-dim-128 attention runs, and a
 # matmul held for the same time, so the op's % of peak can be read against sustained clocks.
 import json, os, subprocess, time, torch

@@ -1,4 +1,5 @@
 # Run from the repository root: PYTHONPATH=src:. OUT=<dir> python <this file>
+# Produced bench/results/probes/20261123T1705-flex-tiles-200k/flextune.json (see its README).
 # FlexAttention forward tiles at 200k tokens for head dim 16 (the paper model's MHA and xSQA
 # shapes), the head-dim-128 op on every kernel and layout, then the whole paper model with the
 # best tiles. Results are saved after every measurement.
@@ -6,6 +7,7 @@ import json, os, sys, time, traceback
 import torch
 from sqt import kernels
 from bench.common import time_fn, matmul_peak_tflops
+from bench.probes.flex import causal_block_mask, compiled_flex
 from bench.throughput_cases import build_case
 
 OUT = os.environ["OUT"]
@@ -26,26 +28,27 @@ CFG = {"default": None,
        "m64n128w4s3": dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
        "m128n128w4s3tma": dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3, USE_TMA=True)}
 def tiles(c): return {"fwd_" + k: v for k, v in c.items()} if c else None
-def setd(D, c):
+flex, causal = compiled_flex(), causal_block_mask(T, dev)
+def op(q, k, v, c):  # the causal flex op with forward tiles c (None: torch's choice)
+    return flex(q, k, v, block_mask=causal, kernel_options=tiles(c))
+def setd(D, c):  # tiles for the whole model (part C): sqt's per-head-dim setting
     kernels.FLEX_FORWARD_TILES.pop(D, None)
     if c: kernels.FLEX_FORWARD_TILES[D] = tiles(c)
 t0 = time.time()
 # --- A: op level, head dim 16
 for name, c in CFG.items():
     for H in (16, 4):
-        setd(16, c)
         q, k, v = rnd((1, H, T, 16)), rnd((1, H, T, 16)), rnd((1, H, T, 16))
         rec = {"cfg": name, "H": H, "D": 16, "T": T}
         try:
             tc = time.time()
             with torch.inference_mode():
-                st = time_fn(lambda: kernels.flex_attention(q, k, v), dev, warmup=2, repeats=7)
+                st = time_fn(lambda: op(q, k, v, c), dev, warmup=2, repeats=7)
             rec.update(st, compile_and_time_s=time.time() - tc, tflops=fl(H, 16, T) / st["median_ms"] / 1e9)
         except Exception as e:
             rec["error"] = repr(e)[:300]
         res["ops"].append(rec); save(); print(rec, flush=True)
         del q, k, v
-setd(16, None)
 print("A done", time.time() - t0, flush=True)
 # --- B: head dim 128 op at 200k (and cuDNN at 131k), 16 heads
 from torch.nn.attention import sdpa_kernel, SDPBackend
@@ -68,16 +71,14 @@ for Tb in (200000, 131072):
             for name in ("default", "m128n64w8s3", "m128n128w8s2"):
                 c = {"default": None, "m128n64w8s3": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
                      "m128n128w8s2": dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2)}[name]
-                setd(128, c)
                 rec = {"kernel": "flex-" + name, "layout": layout, "T": Tb}
                 try:
                     with torch.inference_mode():
-                        st = time_fn(lambda: kernels.flex_attention(q, k, v), dev, warmup=2, repeats=7)
+                        st = time_fn(lambda: op(q, k, v, c), dev, warmup=2, repeats=7)
                     rec.update(st, tflops=fl(16, 128, Tb) / st["median_ms"] / 1e9)
                 except Exception as e:
                     rec["error"] = repr(e)[:300]
                 res["ops128"].append(rec); save(); print(rec, flush=True)
-            setd(128, None)
         del q, k, v
 res["peak_mid"] = matmul_peak_tflops(dev); save()
 print("B done", time.time() - t0, flush=True)
