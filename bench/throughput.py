@@ -26,7 +26,7 @@ from bench.throughput_glance import markdown_section  # noqa: F401  (bench.repor
 from bench.throughput_report import PAPER_BATCH, analyse, render_markdown, write_plot
 from sqt.config import parse_layer
 from sqt.utils import allow_many_recompiles
-from sqt.flops import attention_flops, forward_flops
+from sqt.accounting import attention_flops, forward_flops
 
 DEFAULT_SEQS = (1024, 4096, 32768, 131072, 200000)
 DEFAULT_VARIANTS = ("mha", "gqa", "mqa", "sqa", "ssqa", "xsqa", "xsmqa", "lsqa",

@@ -38,7 +38,7 @@ for fam in ("flex", "sdpa"):
             torch.manual_seed(0)
             model = TransformerLM(cfg).to(dev).eval()
             idx = torch.randint(0, cfg.vocab_size, (1, T), device=dev)
-            if fam == "flex": kernels.flex_block_mask(T, T, 0, None, dev)
+            if fam == "flex": kernels.flex_block_mask(T, None, dev)
             cm = torch.compile(model, dynamic=False)
             ctx = (lambda: sdpa_context("none", dev))
             def fn():
