@@ -33,8 +33,9 @@ import torch
 
 from bench.common import (atomic_write_json, attention_kernel_names, copy_bandwidth_gbs,
                           report_run, run_record, summarize, time_fn)
+from sqt.accounting import kv_bytes_per_token, weight_bytes_per_decode_step
 from sqt.config import PRESETS, LMConfig, hybrid_layers
-from sqt.engine import DecodeEngine, kv_bytes_per_token
+from sqt.engine import DecodeEngine
 from sqt.generate import generate
 from sqt.model import TransformerLM
 
@@ -61,28 +62,40 @@ def build(size: str, variant: str, device, dtype) -> TransformerLM:
     return model.to(dtype).eval()
 
 
-def weight_bytes_per_step(model: TransformerLM, batch: int) -> int:
-    """Bytes of parameters a decode step reads: every matrix once; of the lookup tables (token
-    and position embeddings, static query tables) only the rows of the current tokens."""
-    size = model.tok_emb.weight.element_size()
-    total = 0
-    for name, p in model.named_parameters():
-        if name.endswith(("tok_emb.weight", "pos_emb.weight", "q_table")):
-            total += batch * p[0].numel() * size
-        else:
-            total += p.numel() * size
-    return total
+def seek(engine: DecodeEngine, length: int) -> None:
+    """Position the engine at `length` without a prefill, so its next step writes position
+    `length`: long contexts are timed without paying for their prefill. Earlier positions keep
+    whatever they hold (see `randomize_cache`). The cache's position is on the device and the
+    engine's count of it on the host; both move together."""
+    if isinstance(length, bool) or not isinstance(length, int) \
+            or not 1 <= length < engine.max_len:
+        raise ValueError(f"seek({length!r}): expected an integer in 1..{engine.max_len - 1}")
+    engine.cache.pos.fill_(length)
+    engine.length = length
+
+
+@torch.no_grad()
+def randomize_cache(engine: DecodeEngine) -> None:
+    """Fill every cached key and value with random numbers, once, before timing steps after
+    `seek`: a zero-filled cache can run faster than real data and hides a step that reads
+    nothing."""
+    for buf in engine.cache.k + engine.cache.v:
+        buf.normal_()
+
+
+def bytes_per_element(model: TransformerLM) -> int:
+    return model.tok_emb.weight.element_size()
 
 
 def greedy_steps(engine: DecodeEngine, start: int, n: int):
     """A closure that repositions the cache at `start` and decodes `n` greedy tokens, from a
     cache of random keys and values and random first tokens (never zeros)."""
-    engine.randomize_cache()
+    randomize_cache(engine)
     first = torch.randint(engine.model.config.vocab_size, (engine.batch_size,),
                           device=engine.device)
 
     def run():
-        engine.seek(start)
+        seek(engine, start)
         nxt = first
         for _ in range(n):
             nxt = engine.step(nxt).argmax(-1)
@@ -109,11 +122,11 @@ def kernel_profile(engine: DecodeEngine, start: int, steps: int = 3) -> dict:
     activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
     use_graphs, engine.use_graphs = engine.use_graphs, False
     try:
-        engine.seek(start)
+        seek(engine, start)
         tok = torch.randint(engine.model.config.vocab_size, (engine.batch_size,),
                             device=engine.device)
         engine.step(tok)   # lazy initialisation outside the profile
-        engine.seek(start)
+        seek(engine, start)
         with profile(activities=activities) as prof:
             for _ in range(steps):
                 engine.step(tok)
@@ -170,7 +183,7 @@ class Runner:
         a, dev = self.args, self.device
         new = min(a.new_tokens, ctx - 1)
         prompt = ctx - new
-        kv_tok = kv_bytes_per_token(model)
+        kv_tok = kv_bytes_per_token(model.config, bytes_per_element=bytes_per_element(model))
         cache_bytes = kv_tok * batch * ctx
         row = {"size": size, "variant": variant, "batch": batch, "context": ctx,
                "new_tokens": new, "kv_bytes_per_token": kv_tok, "cache_bytes": cache_bytes,
@@ -189,7 +202,8 @@ class Runner:
         # up to the bucket the engine actually attends over.
         mean_len = prompt + (new + 1) / 2
         buckets = [min(ctx, -(-(p + 1) // a.bucket) * a.bucket) for p in range(prompt, ctx)]
-        w = weight_bytes_per_step(model, batch)
+        w = weight_bytes_per_decode_step(model.config, batch,
+                                         bytes_per_element=bytes_per_element(model))
         ideal = w + kv_tok * batch * mean_len
         actual = w + kv_tok * batch * sum(buckets) / len(buckets)
         row["bytes_per_step"] = {"weights": w, "kv_ideal": ideal - w, "kv_engine": actual - w}

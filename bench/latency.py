@@ -10,6 +10,7 @@ from sqt.engine import DecodeEngine
 from sqt.model import TransformerLM
 
 from .common import time_fn
+from .decode import seek
 
 
 @torch.inference_mode()
@@ -42,7 +43,7 @@ def measure_latency(cfg: LMConfig, device, seq_len: int = 256, prompt_len: int =
     def decode():
         # Rewinding to the prompt reuses its prefilled keys and values; later positions are
         # overwritten.
-        engine.seek(prompt_len)
+        seek(engine, prompt_len)
         tok = first
         for _ in range(decode_tokens):
             tok = engine.step(tok).argmax(-1)   # greedy, stays on the device

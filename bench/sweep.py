@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from sqt.config import PRESETS, VARIANTS, param_count, preset
+from sqt.accounting import param_count
+from sqt.config import PRESETS, VARIANTS, preset
 from sqt.utils import atomic_write_json, run_record
 
 from .common import matmul_peak_tflops, report_run

@@ -25,7 +25,7 @@ from bench.throughput_cases import (MODEL_FAMILIES, MODELS, OP_FAMILIES, SDPA_FO
                                     build_case, head_dim_of, n_heads_of, profile_kernels)
 from sqt.config import parse_layer
 from sqt.utils import allow_many_recompiles
-from sqt.flops import attention_flops, forward_flops
+from sqt.accounting import attention_flops, forward_flops
 
 DEFAULT_SEQS = (1024, 4096, 32768, 131072, 200000)
 DEFAULT_VARIANTS = ("mha", "gqa", "mqa", "sqa", "ssqa", "xsqa", "xsmqa", "lsqa",

@@ -1,5 +1,5 @@
 """What one throughput case runs, and what ran: a model step (forward, or a full training step) or
-the bare attention op; the FLOPs it is credited with (from sqt.flops only); and which attention
+the bare attention op; the FLOPs it is credited with (from sqt.accounting only); and which attention
 kernel the profiler saw, so every row of a table is known to be on the same kind of kernel."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from bench.common import attention_kernel_names
 from sqt import kernels
 from sqt.config import LayerSpec, LMConfig, parse_layer, preset
-from sqt.flops import attention_flops, forward_flops, train_step_flops
+from sqt.accounting import attention_flops, forward_flops, train_step_flops
 from sqt.model import TransformerLM
 
 # Model-level entries run the whole LM; op-level ("attn*") entries run only sqt.kernels.attend on
@@ -75,7 +75,7 @@ def prebuild_flex_mask(seq: int, window: Optional[int], device: torch.device) ->
     """Fill sqt.kernels' block-mask cache before the case starts, so mask building is neither in
     the timing nor in the case's peak memory (the core caches masks; building is set-up)."""
     if device.type == "cuda":
-        kernels.flex_block_mask(seq, seq, 0, window, device)
+        kernels.flex_block_mask(seq, window, device)
 
 
 @dataclass
@@ -155,7 +155,7 @@ def _op_case(model_name, family, variant, seq, batch, device, gen) -> Case:
 
     def fn():
         with torch.inference_mode(), ctx():
-            return kernels.attend(q, k, v, backend, 0, spec.window)
+            return kernels.attend(q, k, v, backend=backend, window=spec.window)
     flops = attention_flops(spec, hd, batch, seq)
     return Case(fn, spec, hd, flops, flops, {"sdpa_force": force if backend == "sdpa" else None})
 

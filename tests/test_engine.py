@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from conftest import LAYER_CASES, build, case_id
-from sqt.engine import DecodeEngine, kv_bytes_per_token
+from sqt.accounting import kv_bytes_per_token
+from sqt.attention import KVCache
+from sqt.engine import DecodeEngine
 from sqt.generate import generate
 
 PROMPT, NEW = 5, 17   # 22 of the 24 positions: crosses buckets of 8 twice
@@ -27,9 +29,8 @@ def test_greedy_matches_eager_loop_and_full_forward(block, layers):
 
 def test_windowed_decode_path_without_eager_fallback():
     # On the CPU, `auto` runs windowed layers eagerly; forcing flex sends the decode step through
-    # the masked-SDPA decode path with a window, which is what CUDA runs.
-    # The reference is the same weights on the eager backend (FlexAttention on the CPU builds a
-    # block mask per step, which is slow and tests nothing more).
+    # the masked-SDPA decode op with a window, which is what CUDA runs. The reference is the
+    # same weights on the eager backend.
     model = build("modern", ("sqa@3", "mha@4"), backend="flex").double()
     reference = build("modern", ("sqa@3", "mha@4"), backend="eager").double()
     idx = torch.randint(0, 37, (2, PROMPT))
@@ -104,13 +105,19 @@ def test_stream_and_callback_yield_each_step():
     assert torch.equal(torch.stack(streamed, 1), out[:, 3:])
 
 
-def test_kv_bytes_per_token_follows_kv_heads():
-    # small_config: n_heads=8, head_dim=4, 2 layers; float32.
-    assert kv_bytes_per_token(build("classic", "mha")) == 2 * 2 * 8 * 4 * 4
-    assert kv_bytes_per_token(build("classic", "mqa")) == 2 * 2 * 1 * 4 * 4
-    model = build("classic", "gqa")
-    engine = DecodeEngine(model, 3, 20)
-    assert engine.cache.bytes() == 3 * 20 * kv_bytes_per_token(model)
+def test_engine_runs_on_the_one_cache_and_counts_with_it():
+    """Prefill is reset + forward on the model's KVCache; every step advances the device
+    position and the host's count together."""
+    model = build("modern", ("sqa@3", "sqt"))
+    engine = DecodeEngine(model, 3, 20, bucket=4)
+    assert isinstance(engine.cache, KVCache)
+    assert engine.cache.bytes() == 3 * 20 * kv_bytes_per_token(model.config, bytes_per_element=4)
+    idx = torch.randint(0, 37, (3, PROMPT))
+    engine.generate(idx, 9, temperature=0)
+    assert engine.length == int(engine.cache.pos) == PROMPT + 8
+    assert engine.cache.view_len == 16    # the bucket of the last step, which wrote position 12
+    engine.prefill(idx[:, :2])
+    assert engine.length == int(engine.cache.pos) == 2
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -48,10 +48,22 @@ def test_sequence_longer_than_the_table_or_positions(block, layers):
     m = build(block, layers)
     with raises(r"sequence length 25 exceeds max_seq_len=24"):
         m(torch.randint(0, 37, (1, 25)))
-    cache = m.new_cache(1, 30)
-    m(torch.randint(0, 37, (1, 20)), cache)
-    with raises(r"exceeds max_seq_len=24"):
-        m(torch.randint(0, 37, (1, 5)), cache)
+    # Decode steps cannot check positions on the host, so the cache is never larger.
+    with raises(r"KVCache max_len=30 exceeds max_seq_len=24"):
+        m.new_cache(1, 30)
+
+
+def test_cache_misuse():
+    m = build("modern", "mha")
+    with raises(r"decode=True needs the KVCache"):
+        m(torch.randint(0, 37, (1, 2)), decode=True)
+    cache = m.new_cache(1, 8)
+    with raises(r"sequence length 9 exceeds the KV cache's max_len=8"):
+        m(torch.randint(0, 37, (1, 9)), cache)
+    with raises(r"view_len=9: expected an integer in 1..8"):
+        cache.view_len = 9
+    with raises(r"KVCache batch_size=0"):
+        m.new_cache(0, 8)
 
 
 def test_window_on_a_backend_that_cannot_do_it():

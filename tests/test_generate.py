@@ -60,19 +60,20 @@ def test_sampling_is_reproducible_with_a_generator():
 def test_top_k_one_and_tiny_top_p_are_greedy():
     logits = torch.randn(64, 37)
     greedy = logits.argmax(-1)
-    assert torch.equal(sample_next(logits, 1.0, top_k=1), greedy)
-    assert torch.equal(sample_next(logits, 1.0, top_p=1e-6), greedy)
+    assert torch.equal(sample_next(logits, temperature=1.0, top_k=1), greedy)
+    assert torch.equal(sample_next(logits, temperature=1.0, top_p=1e-6), greedy)
 
 
 def test_top_k_samples_only_among_the_k_best():
     logits = torch.randn(1, 37).expand(2000, 37)
-    picks = sample_next(logits, 2.0, top_k=3, generator=torch.Generator().manual_seed(0))
+    picks = sample_next(logits, temperature=2.0, top_k=3,
+                        generator=torch.Generator().manual_seed(0))
     assert set(picks.tolist()) <= set(logits[0].topk(3).indices.tolist())
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
-    picks = sample_next(probs.log().expand(3000, 4), 1.0, top_p=0.7,
+    picks = sample_next(probs.log().expand(3000, 4), temperature=1.0, top_p=0.7,
                         generator=torch.Generator().manual_seed(0))
     assert set(picks.tolist()) == {0, 1}
 

@@ -1,21 +1,22 @@
 """One attention layer: a query source (projection, static table or static rotary vector), K/V
-projections, the head mapping, RoPE, and the KV cache it reads and writes."""
+projections, the head mapping and RoPE; the one KV cache it reads and writes; and
+`attention_layer`, the same layer as a drop-in module for other models."""
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
 
 from .config import LayerSpec, LMConfig
-from .kernels import Offset, attend, resolve_backend
+from .kernels import attend, attend_cached, cached_bias, resolve_backend
 
 
 class Rotary(nn.Module):
     """Rotary position embedding, rotate-half convention, computed from the positions themselves
-    so it has no length limit (and works for tensor positions inside a captured graph)."""
+    so it has no length limit (and works for device positions inside a captured graph)."""
 
     def __init__(self, head_dim: int, base: float = 10000.0):
         super().__init__()
@@ -33,45 +34,95 @@ class Rotary(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys and values for every layer, sized by each layer's K/V heads. `length` is
-    the number of positions already written; the model advances it after a forward."""
+    """Preallocated keys and values, one (batch, n_kv_heads, max_len, head_dim) buffer per layer.
 
-    def __init__(self, cfg: LMConfig, batch_size: int, max_len: int,
+    `pos`, a 0-dim int64 tensor on the cache's device, is the number of positions written so far
+    and the only position there is: the model advances it in place and the attention op reads
+    it, so a decode step never synchronises with the host and a CUDA graph can replay it. A
+    caller that needs the count on the host (the decode engine, to choose a bucket) keeps its
+    own. `view_len` is how many cached positions a decode step attends over; it must cover every
+    position written, and the decode engine rounds it up to a bucket. Positions past `pos` are
+    masked, never read, so `reset` does not clear them.
+
+    `cfg` is a model's LMConfig (one buffer per layer) or one standalone `Attention` layer."""
+
+    def __init__(self, cfg: Union[LMConfig, "Attention"], batch_size: int, max_len: int, *,
                  device=None, dtype: torch.dtype = torch.float32):
-        if batch_size < 1 or max_len < 1:
-            raise ValueError(f"KVCache batch_size={batch_size}, max_len={max_len}: both must be >= 1")
-        hd = cfg.head_dim
+        if isinstance(cfg, Attention):
+            specs, head_dim, limit = [cfg.spec], cfg.head_dim, cfg.max_positions
+        elif isinstance(cfg, LMConfig):
+            specs, head_dim, limit = cfg.layer_specs(), cfg.head_dim, cfg.max_positions
+        else:
+            raise ValueError(f"cfg={type(cfg).__name__}: expected an LMConfig or an Attention")
+        for name, value in (("batch_size", batch_size), ("max_len", max_len)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"KVCache {name}={value!r}: expected an integer >= 1")
+        if limit is not None and max_len > limit:
+            # Decode steps cannot check positions on the host, so the cache never holds more.
+            raise ValueError(f"KVCache max_len={max_len} exceeds max_seq_len={limit}, the longest "
+                             "sequence this model can read (learned positions or a static query "
+                             "table)")
         self.max_len = max_len
-        self.k = [torch.zeros(batch_size, s.n_kv_heads, max_len, hd, device=device, dtype=dtype)
-                  for s in cfg.layer_specs()]
+        self.k = [torch.zeros(batch_size, s.n_kv_heads, max_len, head_dim, device=device,
+                              dtype=dtype) for s in specs]
         self.v = [torch.zeros_like(t) for t in self.k]
-        self.length = 0
+        self.pos = torch.zeros((), dtype=torch.long, device=device)
+        self._view_len = max_len
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, offset: int):
-        end = offset + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache of max_len={self.max_len} cannot hold position {end - 1}; "
+    @property
+    def view_len(self) -> int:
+        return self._view_len
+
+    @view_len.setter
+    def view_len(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= self.max_len:
+            raise ValueError(f"view_len={value!r}: expected an integer in 1..{self.max_len}")
+        self._view_len = value
+
+    def reset(self) -> None:
+        """Forget what was written: the next prefill starts at position 0."""
+        self.pos.zero_()
+        self.view_len = self.max_len
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Prefill: keys and values of positions 0 .. T-1."""
+        T = k.shape[2]
+        if T > self.max_len:
+            raise ValueError(f"sequence length {T} exceeds the KV cache's max_len={self.max_len}; "
                              "allocate a larger cache")
-        self.k[layer][:, :, offset:end] = k
-        self.v[layer][:, :, offset:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        self.k[layer][:, :, :T] = k
+        self.v[layer][:, :, :T] = v
+
+    def write_at(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Decode: keys and values at device `positions`; returns the view a step attends over."""
+        kc, vc = self.k[layer], self.v[layer]
+        kc.index_copy_(2, positions, k.to(kc.dtype))
+        vc.index_copy_(2, positions, v.to(vc.dtype))
+        return kc[:, :, :self.view_len], vc[:, :, :self.view_len]
 
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: LMConfig, spec: LayerSpec, layer_idx: int):
+    """One attention layer. `forward(x)` is causal attention over x from position 0; with a
+    KVCache it also stores the keys and values (`decode=False`, a prefill from position 0) or
+    continues the cached sequence at `cache.pos` (`decode=True`). The layer reads `cache.pos` but
+    never moves it: the cache's owner advances it once after every layer has run (TransformerLM
+    does; a standalone caller sets it as the model does)."""
+
+    def __init__(self, spec: LayerSpec, *, d_model: int, head_dim: int, max_seq_len: int,
+                 rope: bool, rope_base: float = 10000.0, bias: bool = False,
+                 backend: str = "auto", layer_idx: int = 0):
         super().__init__()
-        d, hd = cfg.d_model, cfg.head_dim
-        bias = cfg.block == "classic"
+        d, hd = d_model, head_dim
         self.spec, self.layer_idx, self.head_dim = spec, layer_idx, hd
-        self.max_seq_len = cfg.max_seq_len
+        self.max_seq_len = max_seq_len
         # A static query replaces W_q x. It is initialised at the scale a projected query has at
         # init (0.02-std weights times a unit-variance input of width d), so both start alike.
         q_std = 0.02 * math.sqrt(d)
         if spec.query == "table":
-            self.q_table = nn.Parameter(torch.randn(cfg.max_seq_len, spec.n_q_heads, hd) * q_std)
+            self.q_table = nn.Parameter(torch.randn(max_seq_len, spec.n_q_heads, hd) * q_std)
         elif spec.query == "rotary":
             self.q_vec = nn.Parameter(torch.randn(spec.n_q_heads, hd) * q_std)
         # Everything computed from x (projected queries, keys, values) comes from one matmul: one
@@ -81,19 +132,32 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(d, sum(self.qkv_split), bias=bias)
         # Reverse SQA produces one output per K/V head, so o_proj is sized by the larger count.
         self.o_proj = nn.Linear(spec.n_attn_heads * hd, d, bias=bias)
-        self.rotary = (Rotary(hd, cfg.rope_base)
-                       if cfg.block == "modern" or spec.query == "rotary" else None)
-        self.requested_backend = cfg.backend
-        resolve_backend(cfg.backend, spec.window)  # fail at construction, not at first forward
+        self.rotary = Rotary(hd, rope_base) if rope or spec.query == "rotary" else None
+        self.requested_backend = backend
+        resolve_backend(backend, spec.window)  # fail at construction, not at first forward
+
+    @classmethod
+    def from_config(cls, cfg: LMConfig, spec: LayerSpec, layer_idx: int) -> "Attention":
+        """Layer `layer_idx` of `TransformerLM(cfg)`: RoPE in the modern block, biases in the
+        classic one."""
+        return cls(spec, d_model=cfg.d_model, head_dim=cfg.head_dim, max_seq_len=cfg.max_seq_len,
+                   rope=cfg.block == "modern", rope_base=cfg.rope_base,
+                   bias=cfg.block == "classic", backend=cfg.backend, layer_idx=layer_idx)
+
+    @property
+    def max_positions(self) -> Optional[int]:
+        """The longest sequence this layer can read: its static table's length, else None."""
+        return self.max_seq_len if self.spec.query == "table" else None
 
     def backend_for(self, device: torch.device) -> str:
         """The attention op this layer runs on `device`."""
         return resolve_backend(self.requested_backend, self.spec.window, device.type)
 
-    def queries(self, x: torch.Tensor, offset: Offset = 0,
+    def queries(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None,
                 projected: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(B, n_q_heads, T, head_dim) before RoPE. For static sources x only sets the shape;
-        `projected` is the query slice of `qkv_proj(x)` when the caller has it already."""
+        """(B, n_q_heads, T, head_dim) before RoPE, for tokens at `positions` (a device tensor;
+        None: 0 .. T-1). For static sources x only sets the shape; `projected` is the query
+        slice of `qkv_proj(x)` when the caller has it already."""
         B, T, _ = x.shape
         nq, hd = self.spec.n_q_heads, self.head_dim
         if self.spec.query == "proj":
@@ -101,32 +165,47 @@ class Attention(nn.Module):
                 projected = self.qkv_proj(x)[..., :self.qkv_split[0]]
             return projected.view(B, T, nq, hd).transpose(1, 2)
         if self.spec.query == "table":
-            if isinstance(offset, int):
-                if offset + T > self.max_seq_len:
+            if positions is None:
+                if T > self.max_seq_len:
                     raise ValueError(
-                        f"sequence reaches position {offset + T - 1} but layer {self.layer_idx} "
-                        f"has a static query table of max_seq_len={self.max_seq_len}; inputs "
-                        f"(prompt plus generated tokens) must be at most {self.max_seq_len} long")
-                q = self.q_table[offset:offset + T]
+                        f"sequence length {T} exceeds max_seq_len={self.max_seq_len}, the length "
+                        f"of layer {self.layer_idx}'s static query table")
+                q = self.q_table[:T]
             else:
-                q = self.q_table.index_select(0, offset + torch.arange(T, device=x.device))
+                q = self.q_table.index_select(0, positions)
             return q.permute(1, 0, 2).unsqueeze(0).expand(B, nq, T, hd).to(x.dtype)
         return self.q_vec[None, :, None, :].expand(B, nq, T, hd).to(x.dtype)
 
-    def forward(self, x: torch.Tensor, offset: Offset = 0,
-                cache: Optional[KVCache] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, *, decode: bool = False,
+                positions: Optional[torch.Tensor] = None,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (B, T, d_model) -> (B, T, d_model). With `decode`, `positions` (T,) and the
+        `cached_bias` mask are what a model builds once per forward for all its layers; left
+        out, they are built here from `cache.pos` and `cache.view_len`."""
         B, T, _ = x.shape
         nkv, hd = self.spec.n_kv_heads, self.head_dim
+        if decode:
+            if cache is None:
+                raise ValueError("decode=True needs the KVCache the sequence continues")
+            if positions is None:
+                positions = cache.pos + torch.arange(T, device=x.device)
         q_lin, k, v = self.qkv_proj(x).split(self.qkv_split, dim=-1)
-        q = self.queries(x, offset, q_lin)
+        q = self.queries(x, positions if decode else None, q_lin)
         k = k.view(B, T, nkv, hd).transpose(1, 2)
         v = v.view(B, T, nkv, hd).transpose(1, 2)
         if self.rotary is not None:
-            positions = torch.arange(T, device=x.device) + offset
-            q, k = self.rotary(q, positions), self.rotary(k, positions)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v, offset)
-        y = attend(q, k, v, self.backend_for(x.device), offset, self.spec.window)
+            at = positions if decode else torch.arange(T, device=x.device)
+            q, k = self.rotary(q, at), self.rotary(k, at)
+        backend = self.backend_for(x.device)
+        if decode:
+            k, v = cache.write_at(self.layer_idx, positions, k, v)
+            if bias is None:
+                bias = cached_bias(positions, cache.view_len, self.spec.window, dtype=q.dtype)
+            y = attend_cached(q, k, v, bias, backend=backend)
+        else:
+            if cache is not None:
+                cache.write(self.layer_idx, k, v)
+            y = attend(q, k, v, backend=backend, window=self.spec.window)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -139,3 +218,30 @@ class Attention(nn.Module):
                 if parts:
                     state_dict[prefix + "qkv_proj." + kind] = torch.cat(parts, dim=0)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def attention_layer(*, d_model: int, n_heads: int, variant: Union[str, LayerSpec] = "mha",
+                    rope: bool = True, max_seq_len: int = 4096, backend: str = "auto",
+                    rope_base: float = 10000.0, bias: bool = False) -> Attention:
+    """sqt's attention layer as a drop-in module for another model: (B, T, d_model) in, causal
+    attention from position 0, (B, T, d_model) out, exactly the `Attention` TransformerLM uses.
+
+    `variant` is anything `sqt.parse_layer` accepts for a model of `n_heads` heads (head_dim =
+    d_model // n_heads): a name (`mha`, `gqa`, `sqa`, `xsqa`, `sqt`, ...), `nq/nkv`, either
+    prefixed by a query source (`table:sqa`, `rotary:gqa`) and suffixed by a sliding window
+    (`sqa@128`). `rope` rotates queries and keys (a `rotary:` query is always rotated);
+    `max_seq_len` is the length of a static query table (other variants ignore it); `bias` adds
+    biases to the projections. Weights keep PyTorch's default initialisation. For cached
+    decoding, build `KVCache(layer, batch_size, max_len)`."""
+    for name, value in (("rope", rope), ("bias", bias)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}={value!r}: expected True or False")
+    layers = variant.name if isinstance(variant, LayerSpec) else variant
+    if not isinstance(layers, str):
+        raise ValueError(f"variant={variant!r}: expected a variant string or a LayerSpec")
+    # An LMConfig of one layer validates every field with the library's usual messages.
+    cfg = LMConfig(d_model=d_model, n_heads=n_heads, n_layers=1, max_seq_len=max_seq_len,
+                   backend=backend, rope_base=rope_base, layers=layers)
+    return Attention(cfg.layer_specs()[0], d_model=d_model, head_dim=cfg.head_dim,
+                     max_seq_len=max_seq_len, rope=rope, rope_base=rope_base, bias=bias,
+                     backend=backend)

@@ -114,8 +114,8 @@ def generate_command(args) -> int:
     if not args.no_echo:
         out.write(args.prompt)
         out.flush()
-    for nxt in engine.stream(idx, new, args.temperature, args.top_k, args.top_p, stop,
-                             generator):
+    for nxt in engine.stream(idx, new, temperature=args.temperature, top_k=args.top_k,
+                             top_p=args.top_p, stop_token=stop, generator=generator):
         out.write(tok.decode([int(nxt[0])]))
         out.flush()
     out.write("\n")

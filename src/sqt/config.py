@@ -1,6 +1,5 @@
-"""Model configuration: LMConfig, the per-layer spec, the named variants, size presets, and the
-parameter-count formula. Everything here is plain data; validation errors name the field, the value
-and what is accepted."""
+"""Model configuration: LMConfig, the per-layer spec, the named variants and size presets.
+Everything here is plain data; validation errors name the field, the value and what is accepted."""
 
 from __future__ import annotations
 
@@ -190,6 +189,13 @@ class LMConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the model can read, or None where nothing limits it (RoPE and no
+        static query table)."""
+        absolute = self.block == "classic" or any(s.query == "table" for s in self.layer_specs())
+        return self.max_seq_len if absolute else None
+
     def layer_specs(self) -> tuple[LayerSpec, ...]:
         names = [self.layers] * self.n_layers if isinstance(self.layers, str) else self.layers
         return tuple(parse_layer(s, self.n_heads) for s in names)
@@ -243,32 +249,3 @@ def preset(name: str, **overrides) -> LMConfig:
         raise ValueError(f"preset {name!r}: expected one of {', '.join(PRESETS)}")
     return LMConfig(**{**PRESETS[name], **overrides})
 
-
-def param_count(cfg: LMConfig) -> int:
-    """Trainable parameters of `TransformerLM(cfg)`, from the architecture alone. Tests check this
-    formula against the built model, so it is the one place the model's size is written down."""
-    d, hd, classic = cfg.d_model, cfg.head_dim, cfg.block == "classic"
-    bias = 1 if classic else 0
-    norm = 2 * d if classic else d                      # LayerNorm has a bias, RMSNorm not
-    total = cfg.vocab_size * d                          # token embedding
-    if classic:
-        total += cfg.max_seq_len * d                    # learned absolute positions
-    for spec in cfg.layer_specs():
-        q_out, kv_out = spec.n_q_heads * hd, spec.n_kv_heads * hd
-        if spec.query == "proj":
-            total += d * q_out + bias * q_out
-        elif spec.query == "table":
-            total += cfg.max_seq_len * q_out
-        else:
-            total += q_out                              # one vector per head, rotated by RoPE
-        total += 2 * (d * kv_out + bias * kv_out)       # keys and values (in qkv_proj)
-        total += spec.n_attn_heads * hd * d + bias * d  # o_proj
-        if classic:
-            total += 2 * d * cfg.d_ff + cfg.d_ff + d    # GELU MLP with biases
-        else:
-            total += 3 * d * cfg.d_ff                   # SwiGLU: gate, up, down
-        total += 2 * norm
-    total += norm                                       # final norm
-    if not cfg.tie_embeddings:
-        total += d * cfg.vocab_size                     # LM head weight (tied: the embedding)
-    return total + bias * cfg.vocab_size

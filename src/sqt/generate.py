@@ -1,5 +1,7 @@
-"""Incremental decoding with the KV cache: sampling (temperature, top-k, top-p), streaming as an
-iterator or a callback, an optional stop token. Prompts in a batch have equal length."""
+"""Sampling (temperature, top-k, top-p) and the reference generation loop, which wraps a model:
+prefill a KV cache, then decode one token per step, streamed as an iterator or through a callback,
+with an optional stop token. Prompts in a batch have equal length. The model knows nothing of
+this module."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[flo
         raise ValueError(f"top_p={top_p!r}: expected None or a number in (0, 1]")
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
+def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: Optional[int] = None,
                 top_p: Optional[float] = None,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """logits: (B, V) -> token ids (B,). Temperature 0 is greedy. Runs on the logits' device with
@@ -47,7 +49,7 @@ def apply_stop(nxt: torch.Tensor, done: torch.Tensor, stop_token: Optional[int])
     return nxt, done | (nxt == stop_token)
 
 
-def check_prompt(idx: torch.Tensor, max_new_tokens: int, limit: Optional[int],
+def check_prompt(idx: torch.Tensor, max_new_tokens: int, limit: Optional[int], *,
                  limit_name: str = "the model's max_seq_len") -> None:
     """The checks every generation path makes: a (batch, seq_len) prompt, at least one token,
     a positive token count, and room for prompt plus new tokens within `limit` (None: none)."""
@@ -66,7 +68,7 @@ def check_prompt(idx: torch.Tensor, max_new_tokens: int, limit: Optional[int],
 
 
 @torch.no_grad()
-def stream(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+def stream(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
            top_k: Optional[int] = None, top_p: Optional[float] = None,
            stop_token: Optional[int] = None,
            generator: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
@@ -79,29 +81,34 @@ def stream(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1
     try:
         cache = model.new_cache(idx.shape[0], idx.shape[1] + max_new_tokens)
         logits = model(idx, cache)[:, -1]
+        length = idx.shape[1]    # positions written, counted on the host
         done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
-            nxt, done = apply_stop(sample_next(logits, temperature, top_k, top_p, generator),
+            nxt, done = apply_stop(sample_next(logits, temperature=temperature, top_k=top_k,
+                                               top_p=top_p, generator=generator),
                                    done, stop_token)
             yield nxt
             if stop_token is not None and bool(done.all()):
                 return
-            if cache.length < cache.max_len:
-                logits = model(nxt[:, None], cache)[:, -1]
+            if length < cache.max_len:
+                # Attend over what is written only, so a step reads as much as it needs.
+                cache.view_len = length + 1
+                logits = model(nxt[:, None], cache, decode=True)[:, -1]
+                length += 1
     finally:
         model.train(was_training)
 
 
 @torch.no_grad()
-def generate(model, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+def generate(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None,
              stop_token: Optional[int] = None, generator: Optional[torch.Generator] = None,
              callback: Optional[Callable[[torch.Tensor], None]] = None) -> torch.Tensor:
     """Prompt (B, T) -> prompt plus generated tokens (B, T + n), n <= max_new_tokens (fewer when
     every sequence reached `stop_token`). `callback(tokens)` is called with each new (B,) step."""
     out = [idx]
-    for nxt in stream(model, idx, max_new_tokens, temperature, top_k, top_p, stop_token,
-                      generator):
+    for nxt in stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k,
+                      top_p=top_p, stop_token=stop_token, generator=generator):
         if callback is not None:
             callback(nxt)
         out.append(nxt[:, None])

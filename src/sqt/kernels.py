@@ -1,17 +1,16 @@
-"""The attention op alone, behind one signature: `sdpa` (default), `flex` (sliding windows) and
-`eager` (the reference the tests compare against). Queries live at absolute positions
-`q_offset .. q_offset+T-1`, keys at `0 .. S-1`; a query sees keys at or before its own position
-(and, with a window w, fewer than w positions back)."""
+"""The attention op alone. `attend` is causal attention over a whole sequence from position 0,
+through one registry of backends with one signature: `sdpa` (default), `flex` (sliding windows)
+and `eager` (the reference the tests compare against). `attend_cached` is the op of a decode
+step: queries over a view of a KV cache, with an additive mask built from device positions.
+A query sees keys at or before its own position (and, with a window w, fewer than w back)."""
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-
-Offset = Union[int, torch.Tensor]
 
 
 def resolve_backend(requested: str, window: Optional[int], device_type: str = "cuda") -> str:
@@ -30,16 +29,26 @@ def resolve_backend(requested: str, window: Optional[int], device_type: str = "c
     return requested
 
 
-def allowed_mask(T: int, S: int, q_offset: Offset, window: Optional[int],
-                 device) -> torch.Tensor:
-    """Boolean (T, S): True where query i (at position q_offset + i) may attend to key j."""
-    q_pos = torch.arange(T, device=device) + q_offset
-    k_pos = torch.arange(S, device=device)
+def allowed_mask(q_pos: torch.Tensor, k_pos: torch.Tensor,
+                 window: Optional[int]) -> torch.Tensor:
+    """Boolean (T, S): True where the query at q_pos[i] may attend to the key at k_pos[j]."""
     diff = q_pos[:, None] - k_pos[None, :]
     allowed = diff >= 0
     if window:
         allowed = allowed & (diff < window)
     return allowed
+
+
+def cached_bias(positions: torch.Tensor, view_len: int, window: Optional[int] = None, *,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The additive (T, view_len) mask of queries at `positions` (a device tensor) over the first
+    `view_len` cached keys: 0 where a query may look, -inf elsewhere, so positions not written
+    yet are never read. Built from device memory only, so a captured graph can replay it; a
+    model builds it once per forward and window and hands it to every layer."""
+    keys = torch.arange(view_len, device=positions.device)
+    allowed = allowed_mask(positions, keys, window)
+    return torch.zeros(allowed.shape, dtype=dtype, device=positions.device).masked_fill_(
+        ~allowed, float("-inf"))
 
 
 def _broadcast_queries(q: torch.Tensor, n_kv: int) -> torch.Tensor:
@@ -48,36 +57,26 @@ def _broadcast_queries(q: torch.Tensor, n_kv: int) -> torch.Tensor:
     return q.repeat_interleave(n_kv // q.shape[1], dim=1)
 
 
-def _is_plain_causal(T: int, S: int, q_offset: Offset) -> bool:
-    return isinstance(q_offset, int) and q_offset == 0 and T == S
-
-
-def _is_last_row(T: int, S: int, q_offset: Offset) -> bool:
-    # One query at the newest position sees every key: no mask needed.
-    return isinstance(q_offset, int) and T == 1 and q_offset == S - 1
-
-
-def sdpa_attention(q, k, v, q_offset: Offset = 0, window: Optional[int] = None):
-    if window:
-        raise ValueError(f"window={window}: the sdpa backend cannot apply a sliding window")
-    T, S = q.shape[2], k.shape[2]
-    gqa = q.shape[1] != k.shape[1]
-    if _is_plain_causal(T, S, q_offset):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    if _is_last_row(T, S, q_offset):
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-    mask = allowed_mask(T, S, q_offset, None, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-
-
-def eager_attention(q, k, v, q_offset: Offset = 0, window: Optional[int] = None):
-    T, S = q.shape[2], k.shape[2]
+def _reference(q, k, v, bias: torch.Tensor) -> torch.Tensor:
+    """Attention written out, K/V repeated per query group, with an additive (T, S) mask."""
     group = q.shape[1] // k.shape[1]
     if group > 1:
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
-    scores = scores.masked_fill(~allowed_mask(T, S, q_offset, window, q.device), float("-inf"))
-    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
+    acc = torch.promote_types(q.dtype, torch.float32)   # softmax in fp32 at least
+    return torch.softmax(scores.to(acc) + bias.to(acc), dim=-1).to(q.dtype) @ v
+
+
+def sdpa_attention(q, k, v, window: Optional[int] = None):
+    if window:
+        raise ValueError(f"window={window}: the sdpa backend cannot apply a sliding window")
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+def eager_attention(q, k, v, window: Optional[int] = None):
+    return _reference(q, k, v, cached_bias(torch.arange(q.shape[2], device=q.device),
+                                           k.shape[2], window))
 
 
 _block_masks: dict = {}
@@ -105,31 +104,28 @@ def _flex_fn(device: torch.device) -> Callable:
     return _compiled_flex
 
 
-def flex_block_mask(T: int, S: int, q_offset: int, window: Optional[int], device):
-    """Block-sparse mask for causal (+ window) attention; fully masked tiles are skipped. Built
-    once per shape and cached (building is set-up, not attention)."""
+def flex_block_mask(T: int, window: Optional[int], device):
+    """Block-sparse mask for causal (+ window) attention over T positions; fully masked tiles are
+    skipped. Built once per shape and cached (building is set-up, not attention)."""
     from torch.nn.attention.flex_attention import create_block_mask
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    key = (T, S, q_offset, window, str(device))
+    key = (T, window, str(device))
     if key not in _block_masks:
         def mask_mod(b, h, q_idx, kv_idx):
-            diff = q_idx + q_offset - kv_idx
+            diff = q_idx - kv_idx
             ok = diff >= 0
             return (ok & (diff < window)) if window else ok
-        # Uncompiled, create_block_mask evaluates the mask over the dense (T, S) grid with int64
-        # intermediates (~8*T*S bytes: 128 GB at 131k tokens); compiled, it never materialises it.
-        long = device.type == "cuda" and T * S > 32768 * 32768
-        _block_masks[key] = create_block_mask(mask_mod, None, None, T, S, device=device,
+        # Uncompiled, create_block_mask evaluates the mask over the dense (T, T) grid with int64
+        # intermediates (~8*T*T bytes: 128 GB at 131k tokens); compiled, it never materialises it.
+        long = device.type == "cuda" and T > 32768
+        _block_masks[key] = create_block_mask(mask_mod, None, None, T, T, device=device,
                                               _compile=long)
     return _block_masks[key]
 
 
-def flex_attention(q, k, v, q_offset: Offset = 0, window: Optional[int] = None):
-    if not isinstance(q_offset, int):
-        raise ValueError("flex backend: q_offset must be a Python int (the block mask is built "
-                         "per offset); use the sdpa or eager backend for tensor offsets")
+def flex_attention(q, k, v, window: Optional[int] = None):
     if q.device.type != "cuda" and torch.is_grad_enabled() and q.requires_grad:
         raise ValueError("backend='flex' on the CPU: FlexAttention has no CPU backward; use "
                          "backend 'auto' or 'eager' to train on the CPU")
@@ -137,60 +133,14 @@ def flex_attention(q, k, v, q_offset: Offset = 0, window: Optional[int] = None):
         # A static query table slice is a view of a parameter and keeps requires_grad even under
         # no_grad, which the CPU FlexAttention path rejects; there is no backward here anyway.
         q, k, v = q.detach(), k.detach(), v.detach()
-    T, S = q.shape[2], k.shape[2]
-    block_mask = flex_block_mask(T, S, q_offset, window, q.device)
+    block_mask = flex_block_mask(q.shape[2], window, q.device)
     gqa = q.shape[1] != k.shape[1]
     tiles = FLEX_FORWARD_TILES.get(q.shape[-1]) if q.device.type == "cuda" else None
     return _flex_fn(q.device)(q, k, v, block_mask=block_mask, enable_gqa=gqa,
                               kernel_options=dict(tiles) if tiles else None)
 
 
-def decode_attention(q, k, v, q_offset: torch.Tensor, window: Optional[int] = None):
-    """One new query per sequence (T == 1) at a position held in a device tensor, over a
-    preallocated cache that may be longer than the sequence so far: the decode step a captured
-    graph replays. The query heads sharing a K/V head are folded into the query-length dimension
-    (their position, hence their mask row, is the same), so SDPA runs without `enable_gqa` and
-    with an additive mask, which the memory-efficient kernel accepts; with enable_gqa and a mask
-    SDPA may fall back to the math kernel, which copies K/V once per query head."""
-    B, Hq, T, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    bias = _decode_bias(S, q_offset, window, q.dtype, q.device)
-    y = F.scaled_dot_product_attention(q.reshape(B, Hkv, (Hq // Hkv) * T, D), k, v,
-                                       attn_mask=bias)
-    return y.reshape(B, Hq, T, D)
-
-
-_decode_bias_memo: dict = {}
-
-
-def _decode_bias(S: int, q_offset: torch.Tensor, window: Optional[int], dtype, device):
-    """The (1, 1, 1, S) additive mask of a decode step, built once per step rather than once per
-    layer (for a small model the mask's tiny kernels would be a fifth of the step). The memo is
-    keyed on the offset tensor's identity and version counter, which every in-place update of
-    the position bumps, so a stale mask is never reused."""
-    if torch.compiler.is_compiling():
-        # Traced once into a compiled step, where the mask is fused; no memo to consult.
-        allowed = allowed_mask(1, S, q_offset, window, device)
-        return torch.zeros(1, 1, 1, S, dtype=dtype, device=device).masked_fill(
-            ~allowed.view(1, 1, 1, S), float("-inf"))
-    version = getattr(q_offset, "_version", None) if not q_offset.is_inference() else None
-    key = (S, window, dtype, str(device))
-    if version is not None and _decode_bias_memo.get("offset") is q_offset \
-            and _decode_bias_memo.get("version") == version and key in _decode_bias_memo:
-        return _decode_bias_memo[key]
-    allowed = allowed_mask(1, S, q_offset, window, device)
-    bias = torch.zeros(1, 1, 1, S, dtype=dtype, device=device).masked_fill_(
-        ~allowed.view(1, 1, 1, S), float("-inf"))
-    if version is not None:
-        if _decode_bias_memo.get("offset") is not q_offset \
-                or _decode_bias_memo.get("version") != version:
-            _decode_bias_memo.clear()
-            _decode_bias_memo.update(offset=q_offset, version=version)
-        _decode_bias_memo[key] = bias
-    return bias
-
-
-# One registry, one signature: fn(q, k, v, q_offset, window) -> (B, H, T, D).
+# One registry, one signature: fn(q, k, v, window) -> (B, H, T, D), causal from position 0.
 ATTENTION_FUNCTIONS: dict[str, Callable] = {
     "sdpa": sdpa_attention,
     "flex": flex_attention,
@@ -198,13 +148,41 @@ ATTENTION_FUNCTIONS: dict[str, Callable] = {
 }
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str,
-           q_offset: Offset = 0, window: Optional[int] = None) -> torch.Tensor:
-    """q: (B, Hq, T, D); k, v: (B, Hkv, S, D), one head count dividing the other. Returns
-    (B, max(Hq, Hkv), T, D)."""
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str,
+           window: Optional[int] = None) -> torch.Tensor:
+    """Causal attention of a whole sequence from position 0. q: (B, Hq, T, D); k, v: (B, Hkv, T,
+    D), one head count dividing the other. Returns (B, max(Hq, Hkv), T, D)."""
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"attend: {q.shape[2]} queries over {k.shape[2]} keys; causal attention "
+                         "from position 0 needs as many of each (use attend_cached for a cache)")
     if q.shape[1] < k.shape[1]:
         q = _broadcast_queries(q, k.shape[1])
-    if not isinstance(q_offset, int) and q.shape[2] == 1 and backend != "eager":
-        # The decode step of a graph-captured engine (the eager backend stays the reference).
-        return decode_attention(q, k, v, q_offset, window)
-    return ATTENTION_FUNCTIONS[backend](q, k, v, q_offset, window)
+    return ATTENTION_FUNCTIONS[backend](q, k, v, window)
+
+
+def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, *,
+                  backend: str) -> torch.Tensor:
+    """Queries (B, Hq, T, D) over a cache view k, v (B, Hkv, S, D) with the additive (T, S) mask
+    of `cached_bias`. `eager` runs the reference math; every other backend the decode op below,
+    which applies any window through the mask."""
+    if q.shape[1] < k.shape[1]:
+        q = _broadcast_queries(q, k.shape[1])
+    bias = bias.to(q.dtype)
+    if backend == "eager":
+        return _reference(q, k, v, bias)
+    return decode_attention(q, k, v, bias)
+
+
+def decode_attention(q, k, v, bias: torch.Tensor) -> torch.Tensor:
+    """The decode step a captured graph replays. The G query heads sharing a K/V head are folded
+    into the query-length dimension (query head i reads K/V head i // G, so a group is
+    contiguous; its mask rows repeat), so SDPA runs without `enable_gqa` and with an additive
+    mask, which the memory-efficient kernel accepts; with enable_gqa and a mask SDPA may fall
+    back to the math kernel, which copies K/V once per query head."""
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    group = Hq // Hkv
+    if group > 1 and T > 1:
+        bias = bias.repeat(group, 1)
+    y = F.scaled_dot_product_attention(q.reshape(B, Hkv, group * T, D), k, v, attn_mask=bias)
+    return y.reshape(B, Hq, T, D)

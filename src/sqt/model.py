@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention, KVCache
 from .config import LayersArg, LMConfig, hybrid_layers, preset
+from .kernels import cached_bias
 
 
 class RMSNorm(nn.Module):
@@ -59,12 +60,13 @@ class Block(nn.Module):
     def __init__(self, cfg: LMConfig, spec, layer_idx: int):
         super().__init__()
         self.norm1, self.norm2 = _norm(cfg), _norm(cfg)
-        self.attn = Attention(cfg, spec, layer_idx)
+        self.attn = Attention.from_config(cfg, spec, layer_idx)
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, offset=0, cache=None):
-        x = x + self.drop(self.attn(self.norm1(x), offset, cache))
+    def forward(self, x, cache=None, *, decode=False, positions=None, bias=None):
+        a = self.attn(self.norm1(x), cache, decode=decode, positions=positions, bias=bias)
+        x = x + self.drop(a)
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -78,6 +80,7 @@ class TransformerLM(nn.Module):
             raise ValueError(f"cfg={type(cfg).__name__}: expected an LMConfig")
         self.config = cfg = cfg.with_layers(layers) if layers is not None else cfg
         self.specs = cfg.layer_specs()
+        self.windows = tuple(dict.fromkeys(s.window for s in self.specs))   # distinct, in order
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = (nn.Embedding(cfg.max_seq_len, cfg.d_model)
                         if cfg.block == "classic" else None)
@@ -110,8 +113,7 @@ class TransformerLM(nn.Module):
     def max_positions(self) -> Optional[int]:
         """The longest sequence the model can read, or None where nothing limits it (RoPE and no
         static table)."""
-        absolute = self.pos_emb is not None or any(s.query == "table" for s in self.specs)
-        return self.config.max_seq_len if absolute else None
+        return self.config.max_positions
 
     def backends(self) -> list[str]:
         """The attention op each layer runs on the model's current device (`sdpa`, `flex` or
@@ -122,50 +124,63 @@ class TransformerLM(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def new_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int, *, device=None, dtype=None) -> KVCache:
+        """A KV cache for this model, on its device and in its dtype unless told otherwise;
+        `max_len` beyond `max_positions` is refused."""
         p = self.tok_emb.weight
-        return KVCache(self.config, batch_size, max_len, device or p.device, dtype or p.dtype)
+        return KVCache(self.config, batch_size, max_len, device=device or p.device,
+                       dtype=dtype or p.dtype)
 
-    def forward(self, idx: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
-        """idx: (B, T) token ids. With a cache, idx continues the cached sequence and the cache
-        advances by T. Returns logits (B, T, vocab_size)."""
+    def forward(self, idx: torch.Tensor, cache: Optional[KVCache] = None, *,
+                decode: bool = False) -> torch.Tensor:
+        """idx: (B, T) token ids -> logits (B, T, vocab_size).
+
+        Without a cache, a causal forward from position 0. With one and `decode=False`, a
+        prefill: idx starts at position 0, its keys and values are stored and `cache.pos`
+        becomes T. With `decode=True`, idx continues the cached sequence at `cache.pos`, read on
+        the device only, and the cache advances by T in place: no host synchronisation, so a
+        CUDA graph can replay the step. Decoding cannot check lengths on the host; the cache
+        refuses to be larger than the model can read, and callers check prompt plus new tokens
+        up front (`sqt.generate`, the decode engine)."""
         if idx.dim() != 2:
             raise ValueError(f"idx has shape {tuple(idx.shape)}: expected (batch, seq_len)")
         B, T = idx.shape
         if T == 0:
             raise ValueError("idx has seq_len=0: expected at least one token")
-        offset = cache.length if cache is not None else 0
-        limit = self.max_positions
-        # A tensor offset comes from a decode engine that keeps the position on the device so one
-        # captured graph replays every step; it checks lengths up front, since comparing here
-        # would synchronise with the device (and cannot be captured).
-        if limit is not None and isinstance(offset, int) and offset + T > limit:
-            raise ValueError(
-                f"sequence length {offset + T} exceeds max_seq_len={limit}, the longest this "
-                "model can read (learned positions or a static query table)")
+        positions, biases = None, {}
+        if decode:
+            if cache is None:
+                raise ValueError("decode=True needs the KVCache the sequence continues")
+            positions = cache.pos + torch.arange(T, device=idx.device)
+            # One mask per distinct window, shared by every layer: for a small model a mask per
+            # layer would be a fifth of the step's kernels.
+            dtype = cache.k[0].dtype
+            biases = {w: cached_bias(positions, cache.view_len, w, dtype=dtype)
+                      for w in self.windows}
+        else:
+            limit = self.max_positions
+            if limit is not None and T > limit:
+                raise ValueError(
+                    f"sequence length {T} exceeds max_seq_len={limit}, the longest this model "
+                    "can read (learned positions or a static query table)")
         x = self.tok_emb(idx)
         if self.pos_emb is not None:
-            positions = (torch.arange(offset, offset + T, device=idx.device)
-                         if isinstance(offset, int) else
-                         torch.arange(T, device=idx.device) + offset)
-            x = x + self.pos_emb(positions)
+            x = x + self.pos_emb(positions if decode else torch.arange(T, device=idx.device))
         x = self.drop(x)
         recompute = self.config.checkpoint_blocks and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             if recompute and cache is None:
                 # Dropout masks are replayed exactly: checkpoint restores the RNG state.
-                x = checkpoint(block, x, offset, use_reentrant=False)
+                x = checkpoint(block, x, use_reentrant=False)
             else:
-                x = block(x, offset, cache)
+                x = block(x, cache, decode=decode, positions=positions,
+                          bias=biases.get(block.attn.spec.window))
         if cache is not None:
-            cache.length = offset + T
+            if decode:
+                cache.pos.add_(T)
+            else:
+                cache.pos.fill_(T)
         return self.lm_head(self.norm_f(x))
-
-    @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
-        """See `sqt.generate.generate`."""
-        from .generate import generate
-        return generate(self, idx, max_new_tokens, **kwargs)
 
 
 def BaselineLM(cfg: LMConfig) -> TransformerLM:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, load_model, load_train_state, read_config, save_model
 from .config import LMConfig, preset, PRESETS
-from .flops import train_step_flops
+from .accounting import train_step_flops
 from .model import TransformerLM
 from .utils import atomic_write_bytes, run_record
 
