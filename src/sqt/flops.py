@@ -3,7 +3,7 @@ achieved TFLOP/s and model FLOP utilisation mean the same thing in every benchma
 
 from __future__ import annotations
 
-from .config import LayerSpec, LMConfig
+from .config import LayerSpec, LMConfig, feed_forward_params
 
 
 def attention_flops(spec: LayerSpec, head_dim: int, batch: int, q_len: int,
@@ -37,14 +37,16 @@ def sum_visible_keys(q_len: int, offset: int, window: int | None) -> float:
 
 
 def linear_flops_per_token(cfg: LMConfig) -> float:
-    """Forward FLOPs per token of every matmul with weights (projections, MLP, LM head)."""
+    """Forward FLOPs per token of every matmul with weights (projections, MLP or the router and
+    the top_k experts a token is sent to, LM head)."""
     d, hd = cfg.d_model, cfg.head_dim
     total = 0.0
     for spec in cfg.layer_specs():
         q = d * spec.n_q_heads * hd if spec.query == "proj" else 0
         kv = 2 * d * spec.n_kv_heads * hd
         o = spec.n_attn_heads * hd * d
-        mlp = (3 if cfg.block == "modern" else 2) * d * cfg.d_ff
+        mlp = (feed_forward_params(cfg, active=True) if cfg.n_experts else
+               (3 if cfg.block == "modern" else 2) * d * cfg.d_ff)
         total += 2.0 * (q + kv + o + mlp)
     return total + 2.0 * d * cfg.vocab_size
 

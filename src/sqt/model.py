@@ -1,5 +1,6 @@
-"""The language model: blocks (norm, attention, MLP) stacked from per-layer specs, and the seed's
-constructors BaselineLM, SQTLM and HybridLM, which only choose that list of specs."""
+"""The language model: blocks (norm, attention, MLP or mixture of experts) stacked from per-layer
+specs, and the seed's constructors BaselineLM, SQTLM and HybridLM, which only choose that list of
+specs."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import Attention, KVCache
 from .config import LayersArg, LMConfig, hybrid_layers, preset
+from .moe import MoE
 
 
 class RMSNorm(nn.Module):
@@ -60,7 +62,7 @@ class Block(nn.Module):
         super().__init__()
         self.norm1, self.norm2 = _norm(cfg), _norm(cfg)
         self.attn = Attention(cfg, spec, layer_idx)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg) if cfg.n_experts else MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, offset=0, cache=None):
@@ -88,7 +90,7 @@ class TransformerLM(nn.Module):
         self.apply(self._init)
         # GPT-2's scaled init of the projections that write into the residual stream.
         for name, p in self.named_parameters():
-            if name.endswith(("o_proj.weight", "down.weight")):
+            if name.endswith(("o_proj.weight", "down.weight", "mlp.w_down")):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layers))
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
@@ -126,9 +128,11 @@ class TransformerLM(nn.Module):
         p = self.tok_emb.weight
         return KVCache(self.config, batch_size, max_len, device or p.device, dtype or p.dtype)
 
-    def forward(self, idx: torch.Tensor, cache: Optional[KVCache] = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cache: Optional[KVCache] = None, *,
+                return_aux: bool = False):
         """idx: (B, T) token ids. With a cache, idx continues the cached sequence and the cache
-        advances by T. Returns logits (B, T, vocab_size)."""
+        advances by T. Returns logits (B, T, vocab_size); with `return_aux`, (logits, aux_loss)
+        where aux_loss is the sum of the MoE layers' weighted auxiliary losses (0 when dense)."""
         if idx.dim() != 2:
             raise ValueError(f"idx has shape {tuple(idx.shape)}: expected (batch, seq_len)")
         B, T = idx.shape
@@ -159,7 +163,24 @@ class TransformerLM(nn.Module):
                 x = block(x, offset, cache)
         if cache is not None:
             cache.length = offset + T
-        return self.lm_head(self.norm_f(x))
+        logits = self.lm_head(self.norm_f(x))
+        return (logits, self.aux_loss()) if return_aux else logits
+
+    def moe_layers(self) -> list[MoE]:
+        return [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]
+
+    def aux_loss(self) -> torch.Tensor:
+        """The MoE layers' weighted auxiliary losses of the last forward, summed (fp32)."""
+        total = torch.zeros((), device=self.tok_emb.weight.device)
+        for moe in self.moe_layers():
+            total = total + moe.aux_loss
+        return total
+
+    def expert_load(self) -> list[torch.Tensor]:
+        """Per MoE layer, the token-slot count of each expert in the last forward: the layers' live
+        (n_experts,) int64 buffers on the model's device (copy them to keep; reading them on the
+        host is the caller's synchronisation)."""
+        return [moe.load for moe in self.moe_layers()]
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
