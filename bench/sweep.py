@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from sqt.accounting import param_count
-from sqt.config import PRESETS, VARIANTS, preset
+from sqt.config import PRESETS, SEED_SIZES, VARIANTS, preset
 from sqt.utils import atomic_write_json, run_record
 
 from .common import matmul_peak_tflops, report_run
@@ -41,7 +41,7 @@ SIZE_HPARAMS = {
 }
 SHARED_HPARAMS = {"warmup": 100, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.99,
                   "grad_clip": 1.0}
-SIZES = tuple(k for k in PRESETS if k != "sqa-dense")
+SIZES = SEED_SIZES
 
 _DATA_CACHE: dict = {}
 _DEVICE_SLOTS = None   # in a worker: a semaphore shared by every run of the sweep, or None

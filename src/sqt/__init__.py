@@ -2,16 +2,17 @@
 queries come from (projection, static table, static rotary vector) and how many query and key/value
 heads it has (MHA, GQA, MQA and the Sparse Query Attention family)."""
 
-from .accounting import param_count
+from .accounting import active_param_count, param_count
 from .attention import Attention, KVCache, attention_layer
-from .config import HEAD_LAYOUTS, PRESETS, VARIANTS, LayerSpec, LMConfig, parse_layer, preset
+from .config import HEAD_LAYOUTS, PRESETS, SEED_SIZES, VARIANTS, LayerSpec, LMConfig, parse_layer, preset
 from .generate import generate, sample_next, stream
 from .model import BaselineLM, HybridLM, SQTLM, TransformerLM
+from .moe import MoE
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Attention", "BaselineLM", "HEAD_LAYOUTS", "HybridLM", "KVCache", "LMConfig", "LayerSpec",
-    "PRESETS", "SQTLM", "TransformerLM", "VARIANTS", "attention_layer", "generate", "param_count",
-    "parse_layer", "preset", "sample_next", "stream",
+    "MoE", "PRESETS", "SEED_SIZES", "SQTLM", "TransformerLM", "VARIANTS", "active_param_count",
+    "attention_layer", "generate", "param_count", "parse_layer", "preset", "sample_next", "stream",
 ]

@@ -26,15 +26,31 @@ def param_count(cfg: LMConfig) -> int:
             total += q_out                              # one vector per head, rotated by RoPE
         total += 2 * (d * kv_out + bias * kv_out)       # keys and values (in qkv_proj)
         total += spec.n_attn_heads * hd * d + bias * d  # o_proj
-        if classic:
-            total += 2 * d * cfg.d_ff + cfg.d_ff + d    # GELU MLP with biases
-        else:
-            total += 3 * d * cfg.d_ff                   # SwiGLU: gate, up, down
+        total += feed_forward_params(cfg)               # MLP, or router + experts
         total += 2 * norm
     total += norm                                       # final norm
     if not cfg.tie_embeddings:
         total += d * cfg.vocab_size                     # LM head weight (tied: the embedding)
     return total + bias * cfg.vocab_size
+
+
+def feed_forward_params(cfg: LMConfig, *, active: bool = False) -> int:
+    """Parameters of one block's feed-forward: the dense MLP, or the router plus the SwiGLU experts
+    (with `active`, the router plus the top_k experts a token is sent to)."""
+    d = cfg.d_model
+    if cfg.n_experts:
+        experts = cfg.top_k if active else cfg.n_experts
+        return d * cfg.n_experts + experts * 3 * d * cfg.expert_width
+    if cfg.block == "classic":
+        return 2 * d * cfg.d_ff + cfg.d_ff + d          # GELU MLP with biases
+    return 3 * d * cfg.d_ff                             # SwiGLU: gate, up, down
+
+
+def active_param_count(cfg: LMConfig) -> int:
+    """Parameters one token uses: all of `param_count` but the experts it is not sent to (equal to
+    `param_count` for a dense model)."""
+    unused = feed_forward_params(cfg) - feed_forward_params(cfg, active=True)
+    return param_count(cfg) - cfg.n_layers * unused
 
 
 # -- FLOPs ---------------------------------------------------------------------------------------
@@ -77,7 +93,8 @@ def linear_flops_per_token(cfg: LMConfig) -> float:
         q = d * spec.n_q_heads * hd if spec.query == "proj" else 0
         kv = 2 * d * spec.n_kv_heads * hd
         o = spec.n_attn_heads * hd * d
-        mlp = (3 if cfg.block == "modern" else 2) * d * cfg.d_ff
+        mlp = (feed_forward_params(cfg, active=True) if cfg.n_experts else
+               (3 if cfg.block == "modern" else 2) * d * cfg.d_ff)
         total += 2.0 * (q + kv + o + mlp)
     return total + 2.0 * d * cfg.vocab_size
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Sequence, Union
 
@@ -22,6 +22,11 @@ BACKENDS = ("auto", "sdpa", "flex", "eager")
 """The attention op: `sdpa` (PyTorch scaled_dot_product_attention, K/V shared via enable_gqa),
 `flex` (FlexAttention, for sliding windows), `eager` (reference math, for tests). `auto` picks sdpa
 for full causal layers and flex for windowed ones."""
+
+MOE_IMPLS = ("grouped", "loop")
+"""How a mixture-of-experts layer runs its experts: `grouped` (tokens sorted by expert, one grouped
+matmul per projection, no host synchronisation: the training path) or `loop` (a Python loop over
+experts with boolean masks: the reference the tests compare against)."""
 
 # The head layouts, as fractions of the model's nominal head count H. A fraction that does not give
 # a whole number for the model's H is an error, never a rounding. `1` as an int means exactly one.
@@ -160,6 +165,20 @@ class LMConfig:
     # costs one more forward but holds one block's activations at a time instead of all of them
     # (what lets long sequences through a wide model on one GPU).
     checkpoint_blocks: bool = False
+    # Mixture of experts (sqt.moe): every block's feed-forward becomes a router over SwiGLU experts.
+    n_experts: int = field(default=0, metadata={
+        "help": "experts per feed-forward layer; 0 keeps the dense MLP"})
+    top_k: int = field(default=2, metadata={
+        "help": "experts each token is sent to (1..n_experts); weights renormalised when > 1"})
+    expert_d_ff: int | None = field(default=None, metadata={
+        "help": "hidden width of each SwiGLU expert; None: d_ff"})
+    moe_aux_coef: float = field(default=0.01, metadata={
+        "help": "weight of the Switch load-balancing loss E * sum_i f_i * P_i in the training loss"})
+    moe_z_coef: float = field(default=0.0, metadata={
+        "help": "weight of the router z-loss mean(logsumexp(logits)^2); 0 disables it"})
+    moe_impl: str = field(default="grouped", metadata={
+        "help": "expert computation: grouped (sorted tokens, grouped matmuls, no host sync) or "
+                "loop (reference loop over experts)"})
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "max_seq_len"):
@@ -184,6 +203,40 @@ class LMConfig:
                 raise ValueError(f"layers has {len(self.layers)} entries but n_layers="
                                  f"{self.n_layers}: give one variant, or one per layer")
         self.layer_specs()  # validate every spec against n_heads now, not at first forward
+        self._check_moe()
+
+    def _check_moe(self):
+        _check_int("n_experts", self.n_experts, minimum=0)
+        _check_int("top_k", self.top_k)
+        if self.expert_d_ff is not None:
+            _check_int("expert_d_ff", self.expert_d_ff)
+        for name in ("moe_aux_coef", "moe_z_coef"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+                raise ValueError(f"{name}={v!r}: expected a number >= 0")
+        if self.moe_impl not in MOE_IMPLS:
+            raise ValueError(f"moe_impl={self.moe_impl!r}: expected one of {', '.join(MOE_IMPLS)}")
+        if not self.n_experts:
+            return
+        if self.top_k > self.n_experts:
+            raise ValueError(f"top_k={self.top_k} exceeds n_experts={self.n_experts}: a token "
+                             "cannot be sent to more experts than there are")
+        if self.block != "modern":
+            raise ValueError(f"n_experts={self.n_experts} with block={self.block!r}: experts are "
+                             "SwiGLU feed-forwards, which only the modern block has; use "
+                             "block='modern' or n_experts=0")
+        # The CUDA grouped kernel reads rows through TMA: every row stride must be a multiple of
+        # 16 bytes, i.e. of 8 bf16 elements.
+        for name, width in (("d_model", self.d_model), ("expert_d_ff", self.expert_width)):
+            if self.moe_impl == "grouped" and width % 8:
+                raise ValueError(f"{name}={width} with moe_impl='grouped': the grouped expert "
+                                 "matmul needs widths that are multiples of 8 (16-byte rows in "
+                                 "bf16); choose such a width or moe_impl='loop'")
+
+    @property
+    def expert_width(self) -> int:
+        """Hidden width of each SwiGLU expert."""
+        return self.d_ff if self.expert_d_ff is None else self.expert_d_ff
 
     @property
     def head_dim(self) -> int:
@@ -240,7 +293,22 @@ PRESETS: dict[str, dict] = {
     "medium": dict(vocab_size=65, d_model=384, n_heads=8, n_layers=5, d_ff=1024, max_seq_len=256),
     "sqa-dense": dict(vocab_size=10_000, d_model=256, n_heads=16, n_layers=8, d_ff=768,
                       max_seq_len=1024, block="modern"),
+    # The SQA model card's micro MoE (SQAT-mm and its GQA/MQA references): untied embeddings, no
+    # biases. Parameters, ours vs the card (layers=...):
+    #   gqa 8,614,528 vs 8.67M (-0.64 %)   mqa 8,589,952 vs 8.64M (-0.58 %)
+    #   sqa 8,516,224 vs 8.57M (-0.63 %)   ssqa 8,565,376 vs 8.62M (-0.63 %)
+    #   xsqa 8,467,072 vs 8.52M (-0.62 %)
+    # The variants differ from each other exactly as on the card; the constant 51,080 between is
+    # biases our blocks do not have: the card's library (RxNN, MoeFeedForward) gives every expert
+    # an up bias (2 x 256) and a down bias (128), 12 x 640 x 6 layers = 46,080, and its LM head is
+    # an nn.Linear with a bias, 5,000. With those the five counts are 8.67 / 8.64 / 8.57 / 8.62 /
+    # 8.52M, the card's figures to the digit.
+    "sqat-micro": dict(vocab_size=5000, d_model=128, n_heads=8, n_layers=6, d_ff=256,
+                       max_seq_len=256, block="modern", n_experts=12, top_k=2,
+                       moe_aux_coef=0.01),
 }
+SEED_SIZES = ("tiny", "small", "medium")
+"""The SQT seed's character-level sizes (the others are the SQA papers' models)."""
 
 
 def preset(name: str, **overrides) -> LMConfig:
@@ -248,4 +316,3 @@ def preset(name: str, **overrides) -> LMConfig:
     if name not in PRESETS:
         raise ValueError(f"preset {name!r}: expected one of {', '.join(PRESETS)}")
     return LMConfig(**{**PRESETS[name], **overrides})
-

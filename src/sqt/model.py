@@ -1,5 +1,6 @@
-"""The language model: blocks (norm, attention, MLP) stacked from per-layer specs, and the seed's
-constructors BaselineLM, SQTLM and HybridLM, which only choose that list of specs."""
+"""The language model: blocks (norm, attention, MLP or mixture of experts) stacked from per-layer
+specs, and the seed's constructors BaselineLM, SQTLM and HybridLM, which only choose that list of
+specs."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import Attention, KVCache
 from .config import LayersArg, LMConfig, hybrid_layers, preset
 from .kernels import cached_bias
+from .moe import MoE
 
 
 class RMSNorm(nn.Module):
@@ -61,7 +63,7 @@ class Block(nn.Module):
         super().__init__()
         self.norm1, self.norm2 = _norm(cfg), _norm(cfg)
         self.attn = Attention.from_config(cfg, spec, layer_idx)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg) if cfg.n_experts else MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, cache=None, *, decode=False, positions=None, bias=None):
@@ -91,7 +93,7 @@ class TransformerLM(nn.Module):
         self.apply(self._init)
         # GPT-2's scaled init of the projections that write into the residual stream.
         for name, p in self.named_parameters():
-            if name.endswith(("o_proj.weight", "down.weight")):
+            if name.endswith(("o_proj.weight", "down.weight", "mlp.w_down")):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layers))
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
@@ -132,7 +134,7 @@ class TransformerLM(nn.Module):
                        dtype=dtype or p.dtype)
 
     def forward(self, idx: torch.Tensor, cache: Optional[KVCache] = None, *,
-                decode: bool = False) -> torch.Tensor:
+                decode: bool = False, return_aux: bool = False):
         """idx: (B, T) token ids -> logits (B, T, vocab_size).
 
         Without a cache, a causal forward from position 0. With one and `decode=False`, a
@@ -141,7 +143,10 @@ class TransformerLM(nn.Module):
         the device only, and the cache advances by T in place: no host synchronisation, so a
         CUDA graph can replay the step. Decoding cannot check lengths on the host; the cache
         refuses to be larger than the model can read, and callers check prompt plus new tokens
-        up front (`sqt.generate`, the decode engine)."""
+        up front (`sqt.generate`, the decode engine).
+
+        With `return_aux`, returns (logits, aux_loss): the MoE layers' weighted auxiliary losses,
+        summed (0 for a dense model)."""
         if idx.dim() != 2:
             raise ValueError(f"idx has shape {tuple(idx.shape)}: expected (batch, seq_len)")
         B, T = idx.shape
@@ -180,7 +185,24 @@ class TransformerLM(nn.Module):
                 cache.pos.add_(T)
             else:
                 cache.pos.fill_(T)
-        return self.lm_head(self.norm_f(x))
+        logits = self.lm_head(self.norm_f(x))
+        return (logits, self.aux_loss()) if return_aux else logits
+
+    def moe_layers(self) -> list[MoE]:
+        return [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]
+
+    def aux_loss(self) -> torch.Tensor:
+        """The MoE layers' weighted auxiliary losses of the last forward, summed (fp32)."""
+        total = torch.zeros((), device=self.tok_emb.weight.device)
+        for moe in self.moe_layers():
+            total = total + moe.aux_loss
+        return total
+
+    def expert_load(self) -> list[torch.Tensor]:
+        """Per MoE layer, the token-slot count of each expert in the last forward: the layers' live
+        (n_experts,) int64 buffers on the model's device (copy them to keep; reading them on the
+        host is the caller's synchronisation)."""
+        return [moe.load for moe in self.moe_layers()]
 
 
 def BaselineLM(cfg: LMConfig) -> TransformerLM:

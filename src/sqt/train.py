@@ -21,6 +21,7 @@ from .checkpoint import CheckpointError, load_model, load_train_state, read_conf
 from .config import LMConfig, preset, PRESETS
 from .accounting import train_step_flops
 from .model import TransformerLM
+from .moe import cuda_graph_blocker
 from .utils import atomic_write_bytes, run_record
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -175,20 +176,25 @@ def fixed_batches(data: torch.Tensor, n: int, batch_size: int, seq_len: int, dev
 
 
 @torch.inference_mode()
-def evaluate(model, xs, ys, autocast) -> tuple[float, float]:
-    """Mean loss (nats/token) and next-token accuracy over the fixed batches, in eval mode."""
+def evaluate(model, xs, ys, autocast) -> tuple[float, float, Optional[list]]:
+    """Mean loss (nats/token), next-token accuracy and, for a mixture of experts, each layer's
+    fraction of token-slots per expert over the fixed batches, in eval mode."""
     was = model.training
     model.eval()
     loss = torch.zeros((), device=xs.device, dtype=torch.float64)
     correct = torch.zeros((), device=xs.device, dtype=torch.long)
+    slots = 0
     for x, y in zip(xs, ys):
         with autocast():
             logits = model(x)
         loss += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
         correct += (logits.argmax(-1) == y).sum()
+        if model.moe_layers():
+            slots = slots + torch.stack(model.expert_load())
     model.train(was)
     n = ys.numel()
-    return loss.item() / n, correct.item() / n
+    load = (slots / slots.sum(-1, keepdim=True)).tolist() if model.moe_layers() else None
+    return loss.item() / n, correct.item() / n, load
 
 
 class _Progress:
@@ -257,6 +263,11 @@ def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, resume: bool = False,
     dtype = DTYPES[cfg.dtype] or (torch.bfloat16 if cuda else torch.float32)
     use_compile = cuda if cfg.compile is None else cfg.compile
     use_graph = cuda if cfg.cuda_graph is None else cfg.cuda_graph
+    blocker = cuda_graph_blocker(model_cfg, device) if use_graph else None
+    if blocker:
+        print(f"note: no CUDA graph for this run ({blocker}); each step runs uncaptured",
+              file=sys.stderr)
+        use_graph = False
     if use_graph and not cuda:
         raise ValueError(f"cuda_graph=True on device {str(device)!r}: CUDA graphs need a CUDA "
                          "device")
@@ -271,6 +282,7 @@ def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, resume: bool = False,
     val_x, val_y = fixed_batches(dataset.val, cfg.eval_batches, cfg.batch_size, cfg.seq_len, device)
     step, curves, best = 0, [], (math.inf, None)
     loss_sum = torch.zeros((), device=device)
+    aux_sum = torch.zeros((), device=device)        # MoE auxiliary loss since the last evaluation
     loss_n = 0
     if resume and not (out / "train_state.pt").is_file():
         print(f"note: no checkpoint in {str(out)!r} yet; starting from step 0", file=sys.stderr)
@@ -281,6 +293,7 @@ def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, resume: bool = False,
         opt.load_state_dict(st["optimizer"])
         step, curves, best = st["step"], st["curves"], tuple(st["best"])
         loss_sum.fill_(st["loss_sum"])
+        aux_sum.fill_(st.get("aux_sum", 0.0))
         loss_n = st["loss_n"]
         torch.set_rng_state(st["rng_cpu"])
         if cuda and st.get("rng_cuda") is not None:
@@ -292,9 +305,10 @@ def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, resume: bool = False,
                               cache_enabled=False)
 
     def loss_fn(x, y):
+        """(cross-entropy, MoE auxiliary loss); the aux is an exact 0 for a dense model."""
         with autocast():
-            logits = model(x)
-        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            logits, aux = model(x, return_aux=True)
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten()), aux
 
     # The compiled function takes the loss in with the model, so inductor fuses the last matmul's
     # epilogue and the cross-entropy. Evaluation stays eager: compiling it would cost a second
@@ -303,7 +317,7 @@ def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, resume: bool = False,
 
     def save(final: bool):
         state = {"optimizer": opt.state_dict(), "step": step, "curves": curves, "best": list(best),
-                 "loss_sum": loss_sum.item(), "loss_n": loss_n,
+                 "loss_sum": loss_sum.item(), "loss_n": loss_n, "aux_sum": aux_sum.item(),
                  "rng_cpu": torch.get_rng_state(),
                  "rng_cuda": torch.cuda.get_rng_state(device) if cuda else None}
         save_model(out, model, meta={"tokenizer": dataset.tokenizer.to_dict(),
@@ -326,12 +340,13 @@ def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, resume: bool = False,
         """A whole optimizer step with no host synchronisation, so it can be captured."""
         x, y = sampler.batch(step_t)
         opt.zero_grad(set_to_none=not use_graph)   # a graph needs its gradients to stay put
-        loss = step_loss(x, y)
-        loss.backward()
+        loss, aux = step_loss(x, y)
+        (loss + aux).backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=cuda)
         opt.step()
         loss_sum.add_(loss.detach())
+        aux_sum.add_(aux.detach())
         step_t.add_(1)
 
     # With CUDA graphs, the first steps run normally on a side stream (compilation, lazy optimizer
@@ -382,12 +397,15 @@ def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, resume: bool = False,
             if t_mark is not None:
                 timed_s += time.perf_counter() - t_mark
                 timed_steps += step - mark_step
-            val_loss, val_acc = evaluate(model, val_x, val_y, autocast)
+            val_loss, val_acc, expert_load = evaluate(model, val_x, val_y, autocast)
             curves.append({"step": step, "train_loss": train_loss, "val_loss": val_loss,
                            "val_acc": val_acc, "lr": lr})
+            if expert_load is not None:
+                curves[-1].update(aux_loss=aux_sum.item() / loss_n, expert_load=expert_load)
             if val_loss < best[0]:
                 best = (val_loss, step)
             loss_sum.zero_()
+            aux_sum.zero_()
             loss_n = 0
             bar.note(step, f"train {train_loss:.3f} val {val_loss:.3f}")
             if t_mark is not None:
