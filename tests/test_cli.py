@@ -218,6 +218,8 @@ def test_flags_override_the_file_which_overrides_the_preset(tmp_path):
     ("[model]\ntie_embeddings = 1\n", "tie_embeddings=1: expected true or false"),
     ("[train]\nsteps = 5\ntokens = 9\n", "steps, tokens: expected one budget"),
     ("[model\n", "not valid TOML"),
+    ("data = 5\n", "data=5: expected a string"),
+    ("model = 3\n", "model=3: expected a [model] table"),
 ])
 def test_a_bad_run_file_is_one_line_naming_the_key(tmp_path, capsys, text, match):
     path = tmp_path / "run.toml"

@@ -256,9 +256,9 @@ SEED_SIZES = ("tiny", "small", "medium")
 # (2000 steps of 64 x 256 tokens): the learning rate peaks after `warmup` steps and decays by cosine
 # to lr/10; smaller models tolerate a higher rate and need less regularisation in 33M tokens, and
 # medium is nanoGPT shakespeare_char's regime (probes: bench/results/sweep/*-probe-*). On the CPU a
-# default run finishes in a few minutes on two cores: tiny took 0.15 s per step of 16 x 256 tokens
-# there (bench/results/sweep/20261123-162306-cpu); small has 7x and medium 22x its FLOPs per step.
-# There, warm-up is a tenth of the run.
+# default run takes about three minutes on two cores: tiny took 0.15 s per step of 16 x 256 tokens
+# there (bench/results/sweep/20261123-162306-cpu), small and medium about 7x and 10x that (they
+# have 7x and 22x its FLOPs but use the cores better). There, warm-up is a tenth of the run.
 _SEED_RECIPE = dict(seq_len=256, weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0,
                     batch_size={"cuda": 64, "cpu": 16}, eval_batches={"cuda": 20, "cpu": 4})
 RECIPES: dict[str, dict] = {
@@ -266,8 +266,8 @@ RECIPES: dict[str, dict] = {
                  warmup={"cuda": 100, "cpu": 100}),
     "small": dict(_SEED_RECIPE, lr=2e-3, dropout=0.1, steps={"cuda": 2000, "cpu": 200},
                   warmup={"cuda": 100, "cpu": 20}),
-    "medium": dict(_SEED_RECIPE, lr=1.5e-3, dropout=0.15, steps={"cuda": 2000, "cpu": 80},
-                   warmup={"cuda": 100, "cpu": 8}),
+    "medium": dict(_SEED_RECIPE, lr=1.5e-3, dropout=0.15, steps={"cuda": 2000, "cpu": 120},
+                   warmup={"cuda": 100, "cpu": 12}),
     # Not tuned: the trainer's defaults at the preset's context, a starting point for a BPE corpus.
     "sqa-dense": dict(seq_len=1024, lr=1e-3, dropout=0.0, weight_decay=0.1, beta1=0.9, beta2=0.99,
                       grad_clip=1.0, batch_size={"cuda": 32, "cpu": 4},

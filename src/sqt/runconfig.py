@@ -238,6 +238,9 @@ def read_run_file(path) -> dict:
                 settings[name] = tuple(v) if isinstance(v, list) else v
         elif key in TOP_LEVEL and isinstance(value, str):
             out[key] = value
+        elif key in TOP_LEVEL or key in SECTIONS:
+            wanted = "a string" if key in TOP_LEVEL else f"a [{key}] table"
+            raise ValueError(f"{path}: {key}={value!r}: expected {wanted}")
         else:
             raise ValueError(f"{path}: unknown key {key!r}: expected top-level "
                              f"{' and '.join(TOP_LEVEL)} (strings) and sections "

@@ -57,7 +57,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
 
 
 @torch.inference_mode()
-def evaluate(model, xs, ys, autocast, micro_batch: int) -> tuple[float, float]:
+def evaluate(model, xs, ys, autocast, *, micro_batch: int) -> tuple[float, float]:
     """Mean loss (nats/token) and next-token accuracy over the windows, in eval mode, a
     micro-batch at a time."""
     was = model.training
@@ -284,7 +284,8 @@ def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, *, resume: bool = Fals
             if t_mark is not None:
                 timed_s += now - t_mark
                 timed_steps += step - mark_step
-            val_loss, val_acc = evaluate(model, val_x, val_y, autocast, cfg.micro_batch)
+            val_loss, val_acc = evaluate(model, val_x, val_y, autocast,
+                                         micro_batch=cfg.micro_batch)
             point = {"step": step, "train_loss": train_loss, "val_loss": val_loss,
                      "val_acc": val_acc, "lr": lr}
             curves.append(point)
@@ -315,7 +316,7 @@ def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, *, resume: bool = Fals
     ms_per_step = 1e3 * timed_s / timed_steps if timed_steps else None
     flops = train_step_flops(model.config, cfg.batch_size, cfg.seq_len)
     achieved = flops / (ms_per_step * 1e-3) / 1e12 if ms_per_step else None
-    peak, peak_source = peak_for(device, dtype, peak_tflops)
+    peak, peak_source = peak_for(device, dtype, measured=peak_tflops)
     last = curves[-1] if curves else {}
     return {
         "label": label,

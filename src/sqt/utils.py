@@ -60,7 +60,7 @@ DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
-def check_device_name(value, name: str = "device") -> None:
+def check_device_name(value, *, name: str = "device") -> None:
     """A ValueError unless `value` is spelled as a device this project runs on."""
     if not isinstance(value, str) or not _DEVICE_RE.match(value):
         raise ValueError(f"{name}={value!r}: expected {DEVICE_FORMS}")
@@ -69,7 +69,7 @@ def check_device_name(value, name: str = "device") -> None:
 def resolve_device(value: str, *, name: str = "device") -> torch.device:
     """`auto` (CUDA when available, else the CPU), `cpu`, `cuda` or `cuda:N`, checked against this
     machine. `name` is how the caller's user knows the setting (`--device` on the command line)."""
-    check_device_name(value, name)
+    check_device_name(value, name=name)
     if value == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(value)
@@ -102,8 +102,8 @@ def known_peak_tflops(device_name: str, dtype: torch.dtype) -> float | None:
                  if re.search(pattern, device_name)), None)
 
 
-def peak_for(device: torch.device, dtype: torch.dtype,
-             measured: float | None) -> tuple[float | None, str | None]:
+def peak_for(device: torch.device, dtype: torch.dtype, *,
+             measured: float | None = None) -> tuple[float | None, str | None]:
     """The peak TFLOP/s that MFU is taken against, and where it comes from: the caller's
     measurement, else the published peak of a known CUDA device (KNOWN_BF16_PEAK_TFLOPS),
     else none."""

@@ -25,7 +25,9 @@ class Sampler:
     is drawn at once (then split into micro-batches), so what a step sees does not depend on
     gradient accumulation. Resuming needs no sampler state, and the lookup is indexed by a step
     counter on the device, so the whole training step (batch included) can be captured once as a
-    CUDA graph."""
+    CUDA graph. The trainer needs two calls of a sampler: `prepare(step)` on the host before each
+    step, `batch(step_t)` on the device inside it (a sampler reading windows from a memmap on the
+    host would gather them in `prepare` into a static device buffer that `batch` returns)."""
 
     CHUNK = 512
 
