@@ -30,6 +30,9 @@ DEFAULT_DATA = "tinyshakespeare"
 
 @dataclass
 class TrainConfig:
+    """How one model is trained. The budget is one of steps, tokens and epochs (none given:
+    2000 steps); `resolve` turns it into steps once the training split is known."""
+
     steps: Optional[int] = field(default=None, metadata={
         "help": "optimizer steps: the budget, or tokens or epochs instead"})
     tokens: Optional[int] = field(default=None, metadata={
