@@ -34,12 +34,11 @@ import torch
 from bench.common import (atomic_write_json, attention_kernel_names, copy_bandwidth_gbs,
                           report_run, run_record, summarize, time_fn)
 from sqt.accounting import kv_bytes_per_token, weight_bytes_per_decode_step
-from sqt.config import PRESETS, LMConfig, hybrid_layers
+from sqt.config import PRESETS, SEED_SIZES, LMConfig, hybrid_layers
 from sqt.engine import DecodeEngine
 from sqt.generate import generate
 from sqt.model import TransformerLM
 
-SEED_SIZES = ("tiny", "small", "medium")
 SIZES = {name: PRESETS[name] for name in SEED_SIZES}
 # A larger model for long contexts: RoPE (no length limit but the SQT table), SwiGLU, vocab 65 so
 # the comparison is about the transformer and its cache, not a 32k-entry LM head.

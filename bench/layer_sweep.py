@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sqt.config import PRESETS, hybrid_layers, preset
+from sqt.config import PRESETS, SEED_SIZES, hybrid_layers, preset
 from sqt.utils import atomic_write_json
 
 from .common import report_run
-from .sweep import SIZE_HPARAMS, SIZES, aggregate, check_args, common_args, execute
+from .sweep import SIZE_HPARAMS, aggregate, check_args, common_args, execute, hparams
 
 
 def largest_within(rows: list[dict], tolerance: float):
@@ -29,7 +29,7 @@ def largest_within(rows: list[dict], tolerance: float):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.layer_sweep",
                                 description=__doc__.split("\n")[0])
-    p.add_argument("--size", default="small", choices=SIZES)
+    p.add_argument("--size", default="small", choices=SEED_SIZES)
     p.add_argument("--layers", nargs="+", type=int, default=None,
                    help="the N values to run (default 0 .. n_layers)")
     p.add_argument("--tolerance", type=float, default=0.02,
@@ -64,11 +64,12 @@ def main(argv=None) -> int:
         r["n_sqt"] = int(r["variant"][1:])
     rows.sort(key=lambda r: r["n_sqt"])
     best_n, limit = largest_within(rows, args.tolerance)
+    tc = results[0]["train_config"]
     summary = {"kind": "layer_sweep", "run_record": record, "size": args.size,
-               "n_layers": n_layers, "sqt": args.sqt, "rest": args.rest, "steps": args.steps,
-               "seeds": args.seeds, "batch_size": args.batch_size, "seq_len": args.seq_len,
+               "n_layers": n_layers, "sqt": args.sqt, "rest": args.rest, "steps": tc["steps"],
+               "seeds": args.seeds, "batch_size": tc["batch_size"], "seq_len": tc["seq_len"],
                "tolerance": args.tolerance, "ppl_limit": limit, "largest_n_within": best_n,
-               "hparams": SIZE_HPARAMS.get(args.size),
+               "hparams": hparams(args.size, record["device_type"], SIZE_HPARAMS),
                "overrides": {"lr": args.lr, "dropout": args.dropout}, "rows": rows}
     atomic_write_json(run_dir / "summary.json", summary)
     print()

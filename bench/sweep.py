@@ -26,22 +26,15 @@ from pathlib import Path
 import torch
 
 from sqt.accounting import param_count
-from sqt.config import PRESETS, SEED_SIZES, VARIANTS, preset
-from sqt.utils import atomic_write_json, run_record
+from sqt.config import SEED_SIZES, VARIANTS, preset, recipe_settings
+from sqt.utils import atomic_write_json, resolve_device, run_record
 
 from .common import matmul_peak_tflops, report_run
 
-# Per-size hyperparameters: the learning rate peaks after `warmup` steps and decays by cosine to
-# lr/10 at the last step; dropout is the model's. Smaller models tolerate a higher rate and need
-# less regularisation in 2000 steps (33M tokens); medium is nanoGPT shakespeare_char's regime.
-SIZE_HPARAMS = {
-    "tiny": {"lr": 3e-3, "dropout": 0.0},
-    "small": {"lr": 2e-3, "dropout": 0.1},
-    "medium": {"lr": 1.5e-3, "dropout": 0.15},
-}
-SHARED_HPARAMS = {"warmup": 100, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.99,
-                  "grad_clip": 1.0}
-SIZES = SEED_SIZES
+# The training recipes (lr, dropout, batch, budget per size and device) are sqt.config.RECIPES, the
+# same that `sqt train --size S` uses; these are the keys a sweep's summary reports.
+SIZE_HPARAMS = ("lr", "dropout")
+SHARED_HPARAMS = ("warmup", "weight_decay", "beta1", "beta2", "grad_clip")
 
 _DATA_CACHE: dict = {}
 _DEVICE_SLOTS = None   # in a worker: a semaphore shared by every run of the sweep, or None
@@ -59,9 +52,33 @@ def _dataset(name: str):
     return _DATA_CACHE[name]
 
 
-def model_config(size: str, layers, vocab_size: int, dropout: float, seq_len: int):
-    return preset(size, vocab_size=vocab_size, dropout=dropout, layers=layers,
-                  max_seq_len=max(seq_len, PRESETS[size]["max_seq_len"]))
+def hparams(size: str, device_type: str, keys: tuple) -> dict:
+    """The recipe's values of `keys` for a size on a device type, as a summary reports them."""
+    values = recipe_settings(size, device_type)
+    return {k: values[k] for k in keys}
+
+
+# The sweep's settings that override the recipe when given (None: the recipe's).
+RECIPE_OVERRIDES = ("steps", "batch_size", "seq_len", "lr", "dropout", "eval_every",
+                    "eval_batches", "compile", "compile_mode", "cuda_graph", "progress")
+
+
+def run_configs(spec: dict, common: dict, vocab_size: int):
+    """The (LMConfig, TrainConfig) of one run: sqt's recipe builder, as `sqt train` uses it."""
+    from sqt.runconfig import recipe
+    return recipe(spec["size"], vocab_size=vocab_size, layers=spec["layers"], seed=spec["seed"],
+                  device=common["device"], **{k: common.get(k) for k in RECIPE_OVERRIDES})
+
+
+def train_settings(args, device: torch.device) -> dict:
+    """What the command line asks of every run: the data, the device and the recipe overrides."""
+    return {"data": args.data, "device": str(device), "steps": args.steps,
+            "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
+            "dropout": args.dropout, "eval_every": args.eval_every,
+            "eval_batches": args.eval_batches, "compile": False if args.no_compile else None,
+            "compile_mode": args.compile_mode,
+            "cuda_graph": False if args.no_cuda_graph else None,
+            "progress": False if (args.jobs > 1 or args.no_progress) else None}
 
 
 def run_json(run_dir: Path, r: dict) -> Path:
@@ -72,23 +89,11 @@ def run_json(run_dir: Path, r: dict) -> Path:
 
 def run_one(spec: dict, common: dict) -> dict:
     """Train one run and write its JSON. Runs in a worker process when --jobs > 1."""
-    from sqt.train import TrainConfig, train
+    from sqt.train import train
     if common.get("threads"):
         torch.set_num_threads(common["threads"])
     data = _dataset(common["data"])
-    hp = {**SIZE_HPARAMS.get(spec["size"], SIZE_HPARAMS["small"])}
-    for k in ("lr", "dropout"):
-        if common.get(k) is not None:
-            hp[k] = common[k]
-    mcfg = model_config(spec["size"], spec["layers"], data.tokenizer.vocab_size, hp["dropout"],
-                        common["seq_len"])
-    tcfg = TrainConfig(steps=common["steps"], batch_size=common["batch_size"],
-                       seq_len=common["seq_len"], lr=hp["lr"], eval_every=common["eval_every"],
-                       eval_batches=common["eval_batches"], seed=spec["seed"],
-                       device=common["device"], compile=common["compile"],
-                       compile_mode=common["compile_mode"], progress=common["progress"],
-                       cuda_graph=common.get("cuda_graph"),
-                       **SHARED_HPARAMS)
+    mcfg, tcfg = run_configs(spec, common, data.tokenizer.vocab_size)
     # With device slots, a run compiles and captures its step alongside the others, then waits
     # for a slot before training: processes on one GPU are time-sliced, not run side by side, so
     # training several at once is slower in total than one after another, and its step times
@@ -110,7 +115,9 @@ def run_one(spec: dict, common: dict) -> dict:
     result.pop("model")
     result.update(slot_wait_s=held["wait_s"], device_slots=common.get("slots"))
     result.update(size=spec["size"], variant=spec["label"], seed=spec["seed"],
-                  hparams={**hp, **SHARED_HPARAMS}, concurrent_jobs=common["jobs"],
+                  hparams={"lr": tcfg.lr, "dropout": mcfg.dropout,
+                           **{k: getattr(tcfg, k) for k in SHARED_HPARAMS}},
+                  concurrent_jobs=common["jobs"],
                   best_val_ppl=math.exp(result["best_val_loss"]),
                   final_val_ppl=math.exp(result["final_val_loss"]))
     atomic_write_json(run_json(Path(common["run_dir"]), result), result)
@@ -124,22 +131,14 @@ def execute(specs: list[dict], args, kind: str) -> tuple[Path, list[dict], dict]
     """Train every spec (concurrently with --jobs), then time inference per architecture alone on
     the idle device. Returns the run folder, the results and the shared record."""
     t0 = time.perf_counter()
-    from sqt.train import resolve_device
-    device = resolve_device(args.device)
-    resolve_batch_defaults(args, device)
+    device = resolve_device(args.device, name="--device")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     run_dir = Path(args.out) / kind / (stamp + (f"-{args.tag}" if args.tag else ""))
     peak = matmul_peak_tflops(device)
     record = {**run_record(device), "matmul_peak_tflops": peak,
               "peak_dtype": "bfloat16" if device.type == "cuda" else "float32"}
     jobs = max(1, args.jobs)
-    common = {"data": args.data, "steps": args.steps, "batch_size": args.batch_size,
-              "seq_len": args.seq_len, "lr": args.lr, "dropout": args.dropout,
-              "eval_every": args.eval_every or max(1, args.steps // 8),
-              "eval_batches": args.eval_batches, "device": str(device),
-              "compile": False if args.no_compile else None, "compile_mode": args.compile_mode,
-              "cuda_graph": False if args.no_cuda_graph else None,
-              "progress": False if (jobs > 1 or args.no_progress) else None, "jobs": jobs,
+    common = {**train_settings(args, device), "jobs": jobs,
               "slots": (args.device_slots if device.type == "cuda" and jobs > 1
                         and args.device_slots < jobs else None),
               "peak_tflops": peak, "run_dir": str(run_dir),
@@ -152,7 +151,8 @@ def execute(specs: list[dict], args, kind: str) -> tuple[Path, list[dict], dict]
     else:
         # Biggest models first, so the longest runs are not the last to start. Workers are spawned
         # (CUDA cannot fork); runs of one shape share inductor's on-disk compile cache.
-        order = sorted(specs, key=lambda s: -SIZES.index(s["size"]) if s["size"] in SIZES else 0)
+        order = sorted(specs, key=lambda s: -SEED_SIZES.index(s["size"])
+                       if s["size"] in SEED_SIZES else 0)
         ctx = torch.multiprocessing.get_context("spawn")
         slots = ctx.Semaphore(common["slots"]) if common["slots"] else None
         with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
@@ -214,18 +214,19 @@ def aggregate(results: list[dict]) -> list[dict]:
 
 
 def common_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps (default: the size's recipe, sqt.config.RECIPES)")
     p.add_argument("--seeds", type=int, default=1, help="seeds per (size, variant): 0..N-1")
     p.add_argument("--batch-size", type=int, default=None,
-                   help=f"default {CUDA_BATCH} (the seed's) on CUDA, {CPU_BATCH} on the CPU so a "
-                        "short CPU run finishes in minutes")
-    p.add_argument("--seq-len", type=int, default=256)
+                   help="sequences per step (default: the size's recipe; 64 on CUDA, 16 on the "
+                        "CPU for the seed sizes)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per window (default: the size's recipe)")
     p.add_argument("--lr", type=float, default=None, help="override the per-size learning rate")
     p.add_argument("--dropout", type=float, default=None, help="override the per-size dropout")
     p.add_argument("--eval-every", type=int, default=None, help="default: steps / 8")
     p.add_argument("--eval-batches", type=int, default=None,
-                   help=f"fixed validation batches per evaluation; default {CUDA_EVAL_BATCHES} "
-                        f"on CUDA, {CPU_EVAL_BATCHES} on the CPU")
+                   help="fixed validation batches per evaluation (default: the size's recipe)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-compile", action="store_true", help="train eagerly (default: compiled "
                    "on CUDA, eager on CPU)")
@@ -249,19 +250,6 @@ def common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plot", action="store_true")
 
 
-CUDA_BATCH, CPU_BATCH = 64, 16
-CUDA_EVAL_BATCHES, CPU_EVAL_BATCHES = 20, 4
-
-
-def resolve_batch_defaults(args, device) -> None:
-    """Fill unset batch settings for the device (the table header prints what was used)."""
-    cuda = torch.device(device).type == "cuda"
-    if args.batch_size is None:
-        args.batch_size = CUDA_BATCH if cuda else CPU_BATCH
-    if args.eval_batches is None:
-        args.eval_batches = CUDA_EVAL_BATCHES if cuda else CPU_EVAL_BATCHES
-
-
 def check_args(args) -> None:
     for name in ("steps", "seeds", "jobs", "device_slots", "batch_size", "seq_len",
                  "eval_batches"):
@@ -269,16 +257,20 @@ def check_args(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)}: expected >= 1")
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.sweep", description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", nargs="+", default=["tiny", "small", "medium"], choices=SIZES)
+    p.add_argument("--sizes", nargs="+", default=list(SEED_SIZES), choices=SEED_SIZES)
     p.add_argument("--summarize", type=Path, default=None, metavar="RUN_DIR",
                    help="only rebuild RUN_DIR/summary.json from its runs/*.json (no training)")
     p.add_argument("--variants", nargs="+", default=["mha", "sqt"],
                    help=f"variant names ({', '.join(VARIANTS)}) or layer specs; the first "
                    "(or mha when listed) is the baseline")
     common_args(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.summarize is not None:
         return resummarize(args.summarize, plot=not args.no_plot)
     try:
@@ -297,9 +289,10 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    tc = results[0]["train_config"]
     meta = {"baseline": baseline, "sizes": args.sizes, "variants": args.variants,
-            "seeds": args.seeds, "steps": args.steps, "batch_size": args.batch_size,
-            "seq_len": args.seq_len, "overrides": {"lr": args.lr, "dropout": args.dropout}}
+            "seeds": args.seeds, "steps": tc["steps"], "batch_size": tc["batch_size"],
+            "seq_len": tc["seq_len"], "overrides": {"lr": args.lr, "dropout": args.dropout}}
     summarize(run_dir, results, record, meta, plot=not args.no_plot)
     return 0
 
@@ -309,8 +302,9 @@ def summarize(run_dir: Path, results: list[dict], record: dict, meta: dict,
     """Write summary.json from the runs' results, then show it as the report renders it."""
     rows = aggregate(results)
     summary = {"kind": "sweep", "run_record": record, **meta,
-               "hparams": {s: SIZE_HPARAMS.get(s) for s in meta["sizes"]},
-               "shared": SHARED_HPARAMS,
+               "hparams": {s: hparams(s, record["device_type"], SIZE_HPARAMS)
+                           for s in meta["sizes"]},
+               "shared": hparams(meta["sizes"][0], record["device_type"], SHARED_HPARAMS),
                "rows": rows, "runs": sorted(str(p.relative_to(run_dir)) for p in
                                             (run_dir / "runs").glob("*.json"))}
     atomic_write_json(run_dir / "summary.json", summary)
@@ -325,7 +319,7 @@ def resummarize(run_dir: Path, plot: bool = True) -> int:
     after its runs were written (e.g. stopped during the latency phase). Nothing is re-run; the
     summary says it was rebuilt, and latency is absent unless the runs hold it."""
     results = [json.loads(p.read_text()) for p in sorted((run_dir / "runs").glob("*.json"))]
-    order = {size: i for i, size in enumerate(SIZES)}
+    order = {size: i for i, size in enumerate(SEED_SIZES)}
     results.sort(key=lambda r: (order.get(r["size"], len(order)), r["variant"] != "mha",
                                 r["variant"], r["seed"]))
     if not results:

@@ -1,5 +1,6 @@
 """The trainer, its checkpoints and resume, and the sweep/report benchmarks, at toy sizes on CPU."""
 
+import dataclasses
 import json
 import math
 
@@ -7,9 +8,13 @@ import pytest
 import torch
 
 from sqt.checkpoint import CheckpointError, load_model
-from sqt.config import LMConfig
-from sqt.data import load_tinyshakespeare
-from sqt.train import TrainConfig, lr_at, main as train_main, train
+from sqt.config import DEVICE_TYPES, PRESETS, RECIPES, SEED_SIZES, LMConfig, recipe_settings
+from sqt.data import dataset_from_text, load_tinyshakespeare
+from sqt.model import TransformerLM
+from sqt.cli import main as sqt_main
+from sqt.runconfig import MODEL_FIELDS, TRAIN_FIELDS, recipe
+from sqt.train import TrainConfig, lr_at, train
+from sqt.utils import known_peak_tflops
 
 MODEL = LMConfig(vocab_size=65, d_model=32, n_heads=2, n_layers=2, d_ff=64, max_seq_len=32,
                  dropout=0.1)
@@ -102,16 +107,18 @@ def test_bad_settings_name_field_and_accepted_values(data):
 
 
 def test_command_line_trains_and_resumes(tmp_path, capsys):
-    args = ["--size", "tiny", "--steps", "4", "--batch-size", "2", "--seq-len", "16",
+    args = ["train", "--size", "tiny", "--steps", "4", "--batch-size", "2", "--seq-len", "16",
             "--eval-every", "2", "--eval-batches", "1", "--device", "cpu", "--no-progress",
             "--out-dir", str(tmp_path)]
-    assert train_main(args) == 0
+    assert sqt_main(args) == 0
     assert json.loads((tmp_path / "result.json").read_text())["best_step"] in (2, 4)
-    assert train_main(args + ["--resume"]) == 0   # already finished: nothing left to do
+    assert sqt_main(args + ["--resume"]) == 0   # already finished: nothing left to do
     # Block checkpointing changes memory, not the model: a run resumes with it switched on.
-    assert train_main(args + ["--resume", "--checkpoint-blocks"]) == 0
-    assert train_main(args[:-2] + ["--lr", "-3"]) == 2
-    assert "lr=-3.0" in capsys.readouterr().err
+    assert sqt_main(args + ["--resume", "--checkpoint-blocks"]) == 0
+    capsys.readouterr()
+    assert sqt_main(args[:-2] + ["--lr", "-3"]) == 2
+    err = capsys.readouterr().err
+    assert "lr=-3.0" in err and len(err.strip().splitlines()) == 1
 
 
 def test_sweep_and_report_from_its_json(tmp_path, capsys):
@@ -192,3 +199,86 @@ def test_sweep_run_waits_for_a_device_slot_and_gives_it_back(tmp_path, monkeypat
     r = sweep.run_one({"size": "tiny", "layers": "mha", "label": "mha", "seed": 0}, common)
     assert r["slot_wait_s"] >= 0 and r["device_slots"] == 1
     assert slots.acquire(blocking=False)   # released after the run
+
+
+def test_gradient_accumulation_equals_the_whole_batch(data):
+    """K micro-batches of B/K windows give the update of one batch of B (dropout off), and the
+    model really sees micro-batches."""
+    model_cfg = dataclasses.replace(MODEL, dropout=0.0)
+    seen = []
+
+    def record(module, args):
+        if isinstance(module, TransformerLM):
+            seen.append(args[0].shape[0])
+
+    runs = {}
+    for k in (1, 4):
+        seen.clear()
+        hook = torch.nn.modules.module.register_module_forward_pre_hook(record)
+        try:
+            # Adam scales each coordinate's step to about lr, so a gradient that is zero but for
+            # rounding (the key bias's) moves by up to lr x its noise: lr 1e-3 keeps that < 1e-6.
+            runs[k] = train(model_cfg, cfg(steps=4, batch_size=8, grad_accum=k, eval_every=4,
+                                           lr=1e-3), data)
+        finally:
+            hook.remove()
+        assert set(seen) == {8 // k}
+    a, b = runs[1]["model"].state_dict(), runs[4]["model"].state_dict()
+    assert max((a[n] - b[n]).abs().max().item() for n in a) < 1e-6
+    assert runs[1]["final_train_loss"] == pytest.approx(runs[4]["final_train_loss"], abs=1e-6)
+
+
+def test_budgets_resolve_to_whole_steps():
+    n_train = 10_007
+    for batch, seq in ((4, 32), (3, 17)):
+        per_step = batch * seq
+        for tokens in (1, per_step, per_step + 1, 5000):
+            steps = TrainConfig(batch_size=batch, seq_len=seq, tokens=tokens).resolve(n_train).steps
+            assert steps * per_step >= tokens > (steps - 1) * per_step
+        for epochs in (0.5, 1, 2.25):
+            steps = TrainConfig(batch_size=batch, seq_len=seq, epochs=epochs).resolve(n_train).steps
+            assert steps * per_step >= epochs * n_train > (steps - 1) * per_step
+    resolved = TrainConfig(steps=7).resolve(n_train)
+    assert resolved.steps == 7 and resolved.eval_every == 1
+    with pytest.raises(ValueError, match="steps=5, tokens=10: expected one budget"):
+        TrainConfig(steps=5, tokens=10)
+    with pytest.raises(ValueError, match="epochs=0: expected a number > 0"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ValueError, match="grad_accum=3: expected a divisor of batch_size=8"):
+        TrainConfig(batch_size=8, grad_accum=3)
+
+
+def test_an_epoch_budget_is_measured_on_the_training_split():
+    small = dataset_from_text("the quick brown fox jumps over the lazy dog. " * 20, "fox")
+    r = train(LMConfig(vocab_size=small.tokenizer.vocab_size, d_model=16, n_heads=2, n_layers=1,
+                       d_ff=16, max_seq_len=16),
+              cfg(steps=None, epochs=2, batch_size=4, seq_len=16, eval_every=100), small)
+    steps = math.ceil(2 * small.train.numel() / (4 * 16))
+    assert r["budget"]["steps"] == r["train_config"]["steps"] == r["curves"][-1]["step"] == steps
+    assert r["budget"]["asked"] == {"epochs": 2} and r["budget"]["epochs"] >= 2
+
+
+def test_mfu_needs_a_known_peak(data):
+    assert known_peak_tflops("NVIDIA H100 80GB HBM3", torch.bfloat16) == 989.5
+    assert known_peak_tflops("NVIDIA H100 PCIe", torch.bfloat16) == 756.5
+    assert known_peak_tflops("NVIDIA H100 80GB HBM3", torch.float32) is None
+    assert known_peak_tflops("Some Future GPU", torch.bfloat16) is None
+    unknown = train(MODEL, cfg(steps=12, eval_every=12), data)     # on the CPU: no table entry
+    assert unknown["mfu"] is None and unknown["peak_source"] is None
+    measured = train(MODEL, cfg(steps=12, eval_every=12), data, peak_tflops=0.5)
+    assert measured["mfu"] == pytest.approx(measured["achieved_tflops"] / 0.5)
+    assert measured["tokens_per_s"] == pytest.approx(4 * 32 / (measured["ms_per_step"] * 1e-3))
+
+
+def test_every_preset_has_a_recipe_of_known_settings():
+    assert set(SEED_SIZES) <= set(RECIPES) == set(PRESETS)
+    for name in PRESETS:
+        for device_type in DEVICE_TYPES:
+            values = recipe_settings(name, device_type)
+            assert set(values) <= set(MODEL_FIELDS) | set(TRAIN_FIELDS)
+            model, train_cfg = recipe(name, device_type=device_type)
+            assert all(getattr(train_cfg if k in TRAIN_FIELDS else model, k) == v
+                       for k, v in values.items())
+            assert model.max_seq_len >= train_cfg.seq_len
+    with pytest.raises(ValueError, match="setting 'learning_rate': expected a field of LMConfig"):
+        recipe("tiny", device_type="cpu", learning_rate=1.0)

@@ -1,12 +1,17 @@
-"""The `sqt` command: `sqt generate CHECKPOINT --prompt TEXT` streams text from a trained
-checkpoint; `sqt train ...` runs the trainer (sqt.train). A user error (missing or incompatible
-checkpoint, empty or too long prompt, a character the model never saw, bad sampling options)
-prints one line on stderr and exits with status 2, without a traceback."""
+"""The `sqt` command: every subcommand, each one parser (`_add_X`) and one body (`X_command`) that
+calls the library. `sqt train` trains a model from a preset, a TOML run file and flags; `sqt
+generate CHECKPOINT --prompt TEXT` streams text from a checkpoint. A user error (bad settings,
+missing or incompatible checkpoint, a prompt the model cannot take) prints one line on stderr and
+exits with status 2, without a traceback."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
+import typing
+from pathlib import Path
 from typing import Optional
 
 USAGE_ERROR = 2
@@ -16,6 +21,30 @@ class UsageError(ValueError):
     """A problem with what the user asked for, reported as one line."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (`sqt train: error: ...`) with exit status 2."""
+
+    def error(self, message):
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message}\n")
+
+
+class _FromBelow:
+    """The default of a flag whose value comes from a lower layer (the preset, its recipe, the run
+    file): shown by --help, and never mistaken for a value the user gave."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _given(value):
+    return None if isinstance(value, _FromBelow) else value
+
+
+# ---------------------------------------------------------------------------------------- generate
+
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="stream text from a checkpoint directory",
                        description="Generate text from a checkpoint written by `sqt train`, "
@@ -23,29 +52,24 @@ def _add_generate(sub) -> None:
     p.add_argument("checkpoint", help="checkpoint directory (config.json + model.safetensors)")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=200,
-                   help="tokens to generate (capped by the model's context); default 200")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy; default 0.8")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
-    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    p.add_argument("--stop", default=None, help="a single character that ends generation")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
+                   help="tokens to generate, capped by the model's context (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="sampling temperature, 0 is greedy (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample among the k likeliest tokens (default: %(default)s, all)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling mass in (0, 1] (default: %(default)s, all)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed for reproducible sampling (default: %(default)s, a fresh one)")
+    p.add_argument("--stop", default=None,
+                   help="a single character that ends generation (default: %(default)s)")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when available), cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                   help="weights and cache precision; default float32")
-    p.add_argument("--no-echo", action="store_true", help="do not print the prompt first")
-
-
-def _resolve_device(name: str):
-    import torch
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name!r}: CUDA is not available on this machine; use cpu")
-    return device
+                   help="weights and cache precision (default: %(default)s)")
+    p.add_argument("--no-echo", action="store_true",
+                   help="do not print the prompt first (default: %(default)s)")
+    p.set_defaults(run=generate_command)
 
 
 def _tokenizer(meta: dict, vocab_size: int, directory: str):
@@ -78,6 +102,7 @@ def generate_command(args) -> int:
     from .checkpoint import load_model
     from .engine import DecodeEngine
     from .generate import check_sampling
+    from .utils import resolve_device
 
     if args.prompt == "":
         raise UsageError("--prompt is empty: give at least one character to continue")
@@ -89,7 +114,7 @@ def generate_command(args) -> int:
         raise UsageError("--" + str(e).replace("_", "-", 1)) from None
     if args.stop is not None and len(args.stop) != 1:
         raise UsageError(f"--stop {args.stop!r}: expected a single character")
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device, name="--device")
     model, meta = load_model(args.checkpoint, device)
     tok = _tokenizer(meta, model.config.vocab_size, args.checkpoint)
     ids = _encode(tok, args.prompt, "--prompt")
@@ -123,21 +148,152 @@ def generate_command(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------- train
+
+def _preset_default(name: str) -> str:
+    """--help's default for a model or training field: the default preset's value where presets
+    or recipes set it, else the dataclass default."""
+    from .config import PRESETS, RECIPES, LMConfig
+    from .runconfig import DEFAULT_PRESET, TrainConfig
+    if name == "vocab_size":
+        return "the dataset's"
+    if name == "max_seq_len":
+        return f"the preset's, or seq_len when longer; {DEFAULT_PRESET}: " \
+               f"{PRESETS[DEFAULT_PRESET]['max_seq_len']}"
+    value = PRESETS[DEFAULT_PRESET].get(name, RECIPES[DEFAULT_PRESET].get(name))
+    if isinstance(value, dict):
+        return f"per preset; {DEFAULT_PRESET}: {value['cuda']} on CUDA, {value['cpu']} on the CPU"
+    if value is not None:
+        return f"per preset; {DEFAULT_PRESET}: {value}"
+    cls = LMConfig if name in {f.name for f in dataclasses.fields(LMConfig)} else TrainConfig
+    return str(next(f.default for f in dataclasses.fields(cls) if f.name == name))
+
+
+def _add_fields(parser, group, cls, budget_group=None) -> None:
+    """One flag per dataclass field, with its metadata's help: `--d-model`, `--tie-embeddings /
+    --no-tie-embeddings`, `--layers SPEC [SPEC ...]`. New fields get flags with no code here."""
+    from .runconfig import BUDGETS
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kinds = [t for t in (typing.get_args(hints[f.name]) or (hints[f.name],))
+                 if t is not type(None)]
+        flag, shown = "--" + f.name.replace("_", "-"), _FromBelow(_preset_default(f.name))
+        target = budget_group if budget_group is not None and f.name in BUDGETS else group
+        help_text = f.metadata["help"] + " (default: %(default)s)"
+        if bool in kinds:
+            action = target.add_argument(flag, dest=f.name, default=shown,
+                                         action=argparse.BooleanOptionalAction)
+            action.help = help_text   # set afterwards: some Pythons append their own default
+        elif tuple in kinds:
+            target.add_argument(flag, dest=f.name, default=shown, nargs="+", metavar="SPEC",
+                                help=help_text)
+        else:
+            target.add_argument(flag, dest=f.name, default=shown, type=kinds[0],
+                                metavar=kinds[0].__name__.upper(), help=help_text)
+
+
+def _add_train(sub) -> None:
+    from .config import PRESETS, LMConfig
+    from .runconfig import DEFAULT_DATA, DEFAULT_PRESET, TrainConfig
+    p = sub.add_parser(
+        "train", help="train a model (a preset, a TOML run file, flags)",
+        description="Train a language model. Settings combine as: preset (its model and training "
+                    "recipe) < --config file < flags. The resolved configuration is printed on "
+                    "stderr at the start, in the run file format; stdout carries JSON lines only "
+                    "(one per evaluation when stderr is not a terminal, and the result).")
+    p.add_argument("--preset", "--size", dest="preset", choices=list(PRESETS),
+                   default=_FromBelow(f"the config file's, else {DEFAULT_PRESET}"),
+                   help="named starting point: a model and its training recipe "
+                        "(default: %(default)s)")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="TOML run file: top-level preset and data, sections [model] and [train] "
+                        "(default: %(default)s)")
+    p.add_argument("--data", default=_FromBelow(f"the config file's, else {DEFAULT_DATA}"),
+                   help="'tinyshakespeare' (bundled) or a path to a UTF-8 text file "
+                        "(default: %(default)s)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run whose checkpoint is in --out-dir (default: %(default)s)")
+    _add_fields(p, p.add_argument_group("model (LMConfig fields)"), LMConfig)
+    group = p.add_argument_group("training (TrainConfig fields; one of --steps, --tokens, "
+                                 "--epochs)")
+    _add_fields(p, group, TrainConfig, budget_group=group.add_mutually_exclusive_group())
+    p.set_defaults(run=train_command)
+
+
+def _flag_settings(args) -> dict:
+    from .runconfig import MODEL_FIELDS, TRAIN_FIELDS
+    settings = {}
+    for name in MODEL_FIELDS + TRAIN_FIELDS:
+        value = _given(getattr(args, name))
+        if isinstance(value, list):
+            value = value[0] if len(value) == 1 else tuple(value)
+        settings[name] = value
+    return settings
+
+
+def resolve_train(args):
+    """(preset, data spec, dataset, LMConfig, TrainConfig) of `sqt train ARGS`: the preset and its
+    recipe, under the run file, under the flags."""
+    from .data import load_dataset
+    from .runconfig import DEFAULT_DATA, DEFAULT_PRESET, merge_settings, read_run_file, recipe
+    file = read_run_file(args.config) if args.config else {"settings": {}}
+    preset_name = _given(args.preset) or file.get("preset") or DEFAULT_PRESET
+    data_spec = _given(args.data) or file.get("data") or DEFAULT_DATA
+    # The seam for prepared token datasets: load_dataset turns the spec into a dataset.
+    dataset = load_dataset(data_spec)
+    settings = merge_settings({"vocab_size": dataset.tokenizer.vocab_size}, file["settings"],
+                              _flag_settings(args))
+    model_cfg, train_cfg = recipe(preset_name, **settings)
+    return preset_name, data_spec, dataset, model_cfg, train_cfg
+
+
+RESULT_KEYS = ("params", "best_val_loss", "best_step", "final_val_loss", "final_val_acc",
+               "ms_per_step", "tokens_per_s", "mfu", "wall_s")
+
+
+def train_command(args) -> int:
+    from .runconfig import run_file_text
+    from .train import train
+    from .utils import atomic_write_bytes, atomic_write_json
+    preset_name, data_spec, dataset, model_cfg, cfg = resolve_train(args)
+    n_train = len(dataset.train)
+    text = run_file_text(preset_name=preset_name, data=data_spec, model=model_cfg,
+                         train=cfg.resolve(n_train), budget=cfg.budget(n_train))
+    print(text, file=sys.stderr, flush=True)
+    out = Path(cfg.out_dir) if cfg.out_dir else None
+    if out is not None:
+        atomic_write_bytes(out / "config.toml", text.encode())
+    result = train(model_cfg, cfg, dataset, resume=args.resume, label=preset_name)
+    result.pop("model")
+    print(json.dumps({"event": "result", **{k: result[k] for k in RESULT_KEYS},
+                      "steps": result["budget"]["steps"], "out_dir": cfg.out_dir}), flush=True)
+    if out is not None:
+        atomic_write_json(out / "result.json", result)
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- main
+
+COMMANDS = (_add_train, _add_generate)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="sqt", description="sqt: the query side of attention. `sqt COMMAND --help` "
+                                        "describes each command.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
+    return p
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["train"]:
-        # The trainer owns its arguments; imported lazily so `sqt generate` starts fast.
-        from .train import main as train_main
-        return train_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="sqt", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{generate,train}")
-    _add_generate(sub)
-    sub.add_parser("train", help="train a model (see `sqt train --help`)")
-    args = parser.parse_args(argv)
-    from .checkpoint import CheckpointError
     try:
-        return generate_command(args)
-    except (UsageError, CheckpointError) as e:
+        args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as e:   # --help, or a usage error already printed as one line
+        return e.code
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as e:   # CheckpointError and UsageError included
         print(f"sqt {args.command}: error: {e}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:

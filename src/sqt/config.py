@@ -1,5 +1,6 @@
-"""Model configuration: LMConfig, the per-layer spec, the named variants and size presets.
-Everything here is plain data; validation errors name the field, the value and what is accepted."""
+"""Model configuration: LMConfig, the per-layer spec, the named variants, size presets with their
+training recipes. Everything here is plain data; validation errors name the field, the value and
+what is accepted."""
 
 from __future__ import annotations
 
@@ -148,23 +149,34 @@ LayersArg = Union[str, LayerSpec, Sequence[Union[str, LayerSpec]]]
 class LMConfig:
     """A decoder-only language model. `layers` is one variant for every layer or one per layer."""
 
-    vocab_size: int = 65
-    d_model: int = 256
-    n_heads: int = 4
-    n_layers: int = 4
-    d_ff: int = 512
-    max_seq_len: int = 256
-    block: str = "classic"
-    dropout: float = 0.0
-    tie_embeddings: bool = False
-    backend: str = "auto"
-    rope_base: float = 10000.0
-    norm_eps: float = 1e-5
-    layers: Union[str, tuple] = "mha"
+    vocab_size: int = field(default=65, metadata={"help": "token vocabulary size"})
+    d_model: int = field(default=256, metadata={"help": "model width (the residual stream)"})
+    n_heads: int = field(default=4, metadata={
+        "help": "nominal head count H: head_dim = d_model / H; variants are fractions of H"})
+    n_layers: int = field(default=4, metadata={"help": "number of Transformer blocks"})
+    d_ff: int = field(default=512, metadata={"help": "hidden width of each block's MLP"})
+    max_seq_len: int = field(default=256, metadata={
+        "help": "longest sequence the model takes (learned positions, static query tables)"})
+    block: str = field(default="classic", metadata={
+        "help": "classic (the SQT seed's: learned positions, LayerNorm, GELU, biases) or modern "
+                "(the SQA papers': RoPE, RMSNorm, SwiGLU, no biases)"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout probability in [0, 1)"})
+    tie_embeddings: bool = field(default=False, metadata={
+        "help": "share the token embedding with the LM head"})
+    backend: str = field(default="auto", metadata={
+        "help": "attention op: auto, sdpa, flex or eager (auto: sdpa, flex for windows)"})
+    rope_base: float = field(default=10000.0, metadata={
+        "help": "RoPE base frequency (modern block and rotary queries)"})
+    norm_eps: float = field(default=1e-5, metadata={"help": "epsilon of the norms"})
+    layers: Union[str, tuple] = field(default="mha", metadata={
+        "help": "one variant for every layer, or one per layer: a name (mha gqa mqa sqa ssqa "
+                "xsqa xsmqa lsqa rsqa sqt srq) or nq/nkv, with an optional query: prefix and "
+                "@window suffix"})
     # Training only: keep each block's input and recompute the block in the backward pass, which
     # costs one more forward but holds one block's activations at a time instead of all of them
     # (what lets long sequences through a wide model on one GPU).
-    checkpoint_blocks: bool = False
+    checkpoint_blocks: bool = field(default=False, metadata={
+        "help": "recompute each block in the backward pass: less memory, about one more forward"})
     # Mixture of experts (sqt.moe): every block's feed-forward becomes a router over SwiGLU experts.
     n_experts: int = field(default=0, metadata={
         "help": "experts per feed-forward layer; 0 keeps the dense MLP"})
@@ -192,9 +204,9 @@ class LMConfig:
             raise ValueError(f"backend={self.backend!r}: expected one of {', '.join(BACKENDS)}")
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"dropout={self.dropout!r}: expected a number in [0, 1)")
-        if not isinstance(self.checkpoint_blocks, bool):
-            raise ValueError(
-                f"checkpoint_blocks={self.checkpoint_blocks!r}: expected True or False")
+        for name in ("tie_embeddings", "checkpoint_blocks"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected True or False")
         if not isinstance(self.layers, str):
             # Normalise to a tuple of strings so configs stay hashable and serialise to JSON.
             object.__setattr__(self, "layers", tuple(
@@ -308,7 +320,41 @@ PRESETS: dict[str, dict] = {
                        moe_aux_coef=0.01),
 }
 SEED_SIZES = ("tiny", "small", "medium")
-"""The SQT seed's character-level sizes (the others are the SQA papers' models)."""
+"""The SQT seed's three sizes: the sizes the sweeps train and the benchmarks report first."""
+
+# Per-preset training recipes: TrainConfig fields plus the model's dropout. A value that depends on
+# the device is a {"cuda": ..., "cpu": ...} pair. On CUDA the seed sizes train for the seed's budget
+# (2000 steps of 64 x 256 tokens): the learning rate peaks after `warmup` steps and decays by cosine
+# to lr/10; smaller models tolerate a higher rate and need less regularisation in 33M tokens, and
+# medium is nanoGPT shakespeare_char's regime (probes: bench/results/sweep/*-probe-*). On the CPU a
+# default run takes about three minutes on two cores: tiny took 0.15 s per step of 16 x 256 tokens
+# there (bench/results/sweep/20261123-162306-cpu), small and medium about 7x and 10x that (they
+# have 7x and 22x its FLOPs but use the cores better). There, warm-up is a tenth of the run.
+_SEED_RECIPE = dict(seq_len=256, weight_decay=0.1, beta1=0.9, beta2=0.99, grad_clip=1.0,
+                    batch_size={"cuda": 64, "cpu": 16}, eval_batches={"cuda": 20, "cpu": 4})
+RECIPES: dict[str, dict] = {
+    "tiny": dict(_SEED_RECIPE, lr=3e-3, dropout=0.0, steps={"cuda": 2000, "cpu": 1000},
+                 warmup={"cuda": 100, "cpu": 100}),
+    "small": dict(_SEED_RECIPE, lr=2e-3, dropout=0.1, steps={"cuda": 2000, "cpu": 200},
+                  warmup={"cuda": 100, "cpu": 20}),
+    "medium": dict(_SEED_RECIPE, lr=1.5e-3, dropout=0.15, steps={"cuda": 2000, "cpu": 120},
+                   warmup={"cuda": 100, "cpu": 12}),
+    # Not tuned: the trainer's defaults at the preset's context, a starting point for a BPE corpus.
+    "sqa-dense": dict(seq_len=1024, lr=1e-3, dropout=0.0, weight_decay=0.1, beta1=0.9, beta2=0.99,
+                      grad_clip=1.0, batch_size={"cuda": 32, "cpu": 4},
+                      eval_batches={"cuda": 20, "cpu": 2}, steps={"cuda": 2000, "cpu": 50},
+                      warmup={"cuda": 100, "cpu": 5}),
+}
+DEVICE_TYPES = ("cuda", "cpu")
+
+
+def recipe_settings(name: str, device_type: str) -> dict:
+    """The recipe of preset `name` for a device type, as plain field values."""
+    if name not in RECIPES:
+        raise ValueError(f"preset {name!r}: expected one of {', '.join(RECIPES)}")
+    if device_type not in DEVICE_TYPES:
+        raise ValueError(f"device_type={device_type!r}: expected one of {', '.join(DEVICE_TYPES)}")
+    return {k: v[device_type] if isinstance(v, dict) else v for k, v in RECIPES[name].items()}
 
 
 def preset(name: str, **overrides) -> LMConfig:

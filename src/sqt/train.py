@@ -1,16 +1,14 @@
-"""The trainer: AdamW with warmup + cosine, gradient clipping, bf16 autocast on CUDA, optional
-torch.compile, evaluation on fixed validation batches, learning curves, atomic checkpoints and an
-exact `--resume`. Usable as `train(...)` from Python and as `python -m sqt.train`."""
+"""The training loop: AdamW with warmup + cosine, gradient clipping and accumulation, bf16
+autocast on CUDA, optional torch.compile and a captured CUDA graph per step, evaluation on fixed
+validation windows, learning curves, atomic checkpoints and an exact resume. Its settings are
+sqt.runconfig's TrainConfig; its command line is `sqt train` (sqt.cli)."""
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import math
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -18,81 +16,20 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, load_model, load_train_state, read_config, save_model
-from .config import LMConfig, preset, PRESETS
 from .accounting import train_step_flops
+from .config import LMConfig
 from .model import TransformerLM
 from .moe import cuda_graph_blocker
-from .utils import atomic_write_bytes, run_record
+from .runconfig import RESUME_FREE, TrainConfig
+from .utils import atomic_write_bytes, peak_for, resolve_device, run_record
+from .windows import Sampler, fixed_windows, split_tokens
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
-EVAL_SEED = 1234
-"""Validation batches are drawn with this seed whatever the run's seed, so every run (variant, size,
-seed) is scored on the very same text."""
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 2000
-    batch_size: int = 64
-    seq_len: int = 256
-    lr: float = 1e-3
-    min_lr: Optional[float] = None        # end of the cosine; None: lr / 10
-    warmup: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0                # 0 disables clipping
-    eval_every: int = 250
-    eval_batches: int = 20
-    seed: int = 0
-    device: str = "auto"                  # auto: cuda when available
-    compile: Optional[bool] = None        # None: on for CUDA, off for CPU
-    compile_mode: Optional[str] = None    # torch.compile mode: None (default), "reduce-overhead"...
-    cuda_graph: Optional[bool] = None     # capture the whole step as one CUDA graph; None: on CUDA
-    dtype: str = "auto"                   # autocast dtype; auto: bfloat16 on CUDA, float32 on CPU
-    out_dir: Optional[str] = None         # checkpoints and curves.jsonl; None: keep nothing
-    checkpoint_every: int = 0             # 0: only the final checkpoint (when out_dir is set)
-    progress: Optional[bool] = None       # None: a bar when stderr is a terminal
-
-    def __post_init__(self):
-        ints = {"steps": 1, "batch_size": 1, "seq_len": 1, "warmup": 0, "eval_every": 1,
-                "eval_batches": 1, "seed": 0, "checkpoint_every": 0}
-        for name, lo in ints.items():
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"{name}={v!r}: expected an integer >= {lo}")
-        for name in ("lr", "weight_decay", "grad_clip"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or \
-                    (name == "lr" and v == 0):
-                bound = "> 0" if name == "lr" else ">= 0"
-                raise ValueError(f"{name}={v!r}: expected a number {bound}")
-        if self.min_lr is not None and not (0 <= self.min_lr <= self.lr):
-            raise ValueError(f"min_lr={self.min_lr!r}: expected None or a number in "
-                             f"[0, lr={self.lr}]")
-        for name in ("beta1", "beta2"):
-            if not (0 <= getattr(self, name) < 1):
-                raise ValueError(f"{name}={getattr(self, name)!r}: expected a number in [0, 1)")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype={self.dtype!r}: expected one of {', '.join(DTYPES)}")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ValueError(f"device={self.device!r}: expected auto, cpu, cuda or cuda:N")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @property
-    def final_min_lr(self) -> float:
-        return self.lr / 10 if self.min_lr is None else self.min_lr
-
-
-# Fields that may differ between a run and its resumption without changing the result.
-RESUME_FREE = ("device", "compile", "compile_mode", "cuda_graph", "out_dir", "checkpoint_every",
-               "progress")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to `lr`, then cosine to `min_lr` at the last step. `step` counts from 0."""
+    """Linear warmup to `lr`, then cosine to `min_lr` at the last step (of a resolved config).
+    `step` counts from 0."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     span = max(1, cfg.steps - cfg.warmup)
@@ -101,16 +38,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * progress))
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r}: CUDA is not available on this machine; use cpu")
-    return device
-
-
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device,
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, *,
                    graphed: bool = False):
     """AdamW; weight decay only on matmul weights. Norms, biases, embeddings and static query
     tables/vectors (which are position embeddings by another name) are not decayed. A captured
@@ -129,62 +57,16 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
                              fused=device.type == "cuda", capturable=graphed)
 
 
-class Sampler:
-    """Training windows as a pure function of (seed, step): the start offsets for steps
-    k*CHUNK .. (k+1)*CHUNK-1 are drawn by a generator seeded with (seed, k). Resuming needs no
-    sampler state, and the lookup is indexed by a step counter on the device, so the whole training
-    step (batch included) can be captured once as a CUDA graph."""
-
-    CHUNK = 512
-
-    def __init__(self, data: torch.Tensor, batch_size: int, seq_len: int, seed: int):
-        if data.numel() <= seq_len + 1:
-            raise ValueError(f"seq_len={seq_len}: the training split has only {data.numel()} "
-                             "tokens; expected more than seq_len + 1")
-        self.data, self.B, self.T, self.seed = data, batch_size, seq_len, seed
-        self.offsets = torch.arange(seq_len + 1, device=data.device)
-        self.table = torch.empty(self.CHUNK, batch_size, dtype=torch.long, device=data.device)
-        self.loaded = None
-
-    def prepare(self, step: int) -> None:
-        """Host side, before `step`: load the chunk of start offsets that holds it (in place, so a
-        captured graph sees the new values)."""
-        k = step // self.CHUNK
-        if k != self.loaded:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + k)
-            starts = torch.randint(self.data.numel() - self.T - 1, (self.CHUNK, self.B),
-                                   generator=gen)
-            self.table.copy_(starts)
-            self.loaded = k
-
-    def batch(self, step: torch.Tensor):
-        """(inputs, targets) for the step held in the 0-dim tensor `step`."""
-        # index_select and take never read the index on the host, so this can be captured.
-        start = self.table.index_select(0, (step % self.CHUNK).view(1))[0]
-        chunk = torch.take(self.data, start[:, None] + self.offsets)
-        return chunk[:, :-1], chunk[:, 1:]
-
-
-def fixed_batches(data: torch.Tensor, n: int, batch_size: int, seq_len: int, device):
-    if data.numel() <= seq_len + 1:
-        raise ValueError(f"seq_len={seq_len}: the validation split has only {data.numel()} tokens; "
-                         "expected more than seq_len + 1")
-    gen = torch.Generator().manual_seed(EVAL_SEED)
-    start = torch.randint(data.numel() - seq_len - 1, (n, batch_size), generator=gen)
-    chunk = data[start[..., None] + torch.arange(seq_len + 1)].to(device)
-    return chunk[..., :-1], chunk[..., 1:]
-
-
 @torch.inference_mode()
-def evaluate(model, xs, ys, autocast) -> tuple[float, float, Optional[list]]:
+def evaluate(model, xs, ys, autocast, *, micro_batch: int) -> tuple[float, float, Optional[list]]:
     """Mean loss (nats/token), next-token accuracy and, for a mixture of experts, each layer's
-    fraction of token-slots per expert over the fixed batches, in eval mode."""
+    fraction of token-slots per expert, over the windows, in eval mode, a micro-batch at a time."""
     was = model.training
     model.eval()
     loss = torch.zeros((), device=xs.device, dtype=torch.float64)
     correct = torch.zeros((), device=xs.device, dtype=torch.long)
     slots = 0
-    for x, y in zip(xs, ys):
+    for x, y in zip(xs.split(micro_batch), ys.split(micro_batch)):
         with autocast():
             logits = model(x)
         loss += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
@@ -197,26 +79,32 @@ def evaluate(model, xs, ys, autocast) -> tuple[float, float, Optional[list]]:
     return loss.item() / n, correct.item() / n, load
 
 
-class _Progress:
-    def __init__(self, total: int, initial: int, enabled: bool, desc: str):
-        self.bar, self.enabled, self.total = None, enabled, total
-        if not enabled:
-            return
-        try:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
-        except ImportError:
-            pass
+class _Reporter:
+    """What a run says while it trains: a progress bar on stderr and/or one JSON line per
+    evaluation on stdout (what a pipe or a log file gets)."""
+
+    def __init__(self, total: int, initial: int, *, bar: bool, log: bool, label: str):
+        self.bar, self.plain, self.log, self.total, self.label = None, bar, log, total, label
+        if bar:
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, initial=initial, desc=label, dynamic_ncols=True)
+                self.plain = False
+            except ImportError:
+                pass
 
     def update(self, n: int):
         if self.bar is not None:
             self.bar.update(n)
 
-    def note(self, step: int, text: str):
+    def evaluation(self, point: dict):
+        text = f"train {point['train_loss']:.3f} val {point['val_loss']:.3f}"
         if self.bar is not None:
             self.bar.set_postfix_str(text)
-        elif self.enabled:
-            print(f"step {step}/{self.total} {text}", file=sys.stderr, flush=True)
+        elif self.plain:
+            print(f"step {point['step']}/{self.total} {text}", file=sys.stderr, flush=True)
+        if self.log:
+            print(json.dumps({"event": "eval", "label": self.label, **point}), flush=True)
 
     def close(self):
         if self.bar is not None:
@@ -230,7 +118,7 @@ def _check_resumable(saved: dict, model_cfg: LMConfig, cfg: TrainConfig, path: P
     if function(saved.get("model") or {}) != function(model_cfg.to_dict()):
         raise CheckpointError(f"cannot resume from {str(path)!r}: its model config differs from "
                               "this run's")
-    old = saved.get("train", {})
+    old = {**TrainConfig().to_dict(), **saved.get("train", {})}   # fields added since: defaults
     diff = [k for k, v in cfg.to_dict().items() if k not in RESUME_FREE and old.get(k) != v]
     if diff:
         raise CheckpointError(
@@ -238,23 +126,27 @@ def _check_resumable(saved: dict, model_cfg: LMConfig, cfg: TrainConfig, path: P
             + ", ".join(f"{k} (checkpoint {old.get(k)!r}, now {getattr(cfg, k)!r})" for k in diff))
 
 
-def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, resume: bool = False,
+def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, *, resume: bool = False,
           peak_tflops: Optional[float] = None, label: str = "train",
           callback: Optional[Callable[[int], None]] = None,
           on_ready: Optional[Callable[[], None]] = None) -> dict:
-    """Train `TransformerLM(model_cfg)` on `dataset` (a `sqt.data.TextDataset`). With `resume`,
-    continue from the checkpoint in `cfg.out_dir` and end exactly where an uninterrupted run would
-    (on CPU; GPU kernels are not bitwise deterministic). `callback(step)` runs after every step.
-    `on_ready()` runs once, when the step is compiled (and captured) and steady-state training
-    begins; a sweep uses it to queue for the device while other runs train.
-    Returns losses, accuracy, curves, speed (ms/step, tokens/s, MFU vs `peak_tflops`) and the
-    model (under "model", not JSON)."""
+    """Train `TransformerLM(model_cfg)` on `dataset` (a `sqt.data.TextDataset`: `tokenizer`,
+    `train` and `val` token splits, `describe()`). With `resume`, continue from the checkpoint in
+    `cfg.out_dir` and end exactly where an uninterrupted run would (on CPU; GPU kernels are not
+    bitwise deterministic). `callback(step)` runs after every step. `on_ready()` runs once, when
+    the step is compiled (and captured) and steady-state training begins; a sweep uses it to queue
+    for the device while other runs train. `peak_tflops`: a measured peak for MFU (see peak_for).
+    Returns losses, accuracy, curves, the budget, speed (ms/step, tokens/s, MFU) and the model
+    (under "model", not JSON)."""
     if model_cfg.vocab_size != dataset.tokenizer.vocab_size:
         raise ValueError(f"vocab_size={model_cfg.vocab_size} but the dataset's tokenizer has "
                          f"{dataset.tokenizer.vocab_size} symbols; set vocab_size to match")
     if cfg.seq_len > model_cfg.max_seq_len:
         raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's max_seq_len="
                          f"{model_cfg.max_seq_len}")
+    train_tokens = split_tokens(dataset.train)
+    budget = cfg.budget(train_tokens.numel())
+    cfg = cfg.resolve(train_tokens.numel())
     device = resolve_device(cfg.device)
     cuda = device.type == "cuda"
     if cuda:
@@ -278,8 +170,9 @@ def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, resume: bool = False,
     torch.manual_seed(cfg.seed)
     model = TransformerLM(model_cfg).to(device)
     opt = make_optimizer(model, cfg, device, graphed=use_graph)
-    sampler = Sampler(dataset.train.to(device), cfg.batch_size, cfg.seq_len, cfg.seed)
-    val_x, val_y = fixed_batches(dataset.val, cfg.eval_batches, cfg.batch_size, cfg.seq_len, device)
+    sampler = Sampler(train_tokens.to(device), cfg.batch_size, cfg.seq_len, cfg.seed)
+    val_x, val_y = fixed_windows(split_tokens(dataset.val),
+                                 cfg.eval_batches * cfg.batch_size, cfg.seq_len, device)
     step, curves, best = 0, [], (math.inf, None)
     loss_sum = torch.zeros((), device=device)
     aux_sum = torch.zeros((), device=device)        # MoE auxiliary loss since the last evaluation
@@ -321,13 +214,15 @@ def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, resume: bool = False,
                  "rng_cpu": torch.get_rng_state(),
                  "rng_cuda": torch.cuda.get_rng_state(device) if cuda else None}
         save_model(out, model, meta={"tokenizer": dataset.tokenizer.to_dict(),
-                                     "train": cfg.to_dict(), "dataset": dataset.describe(),
-                                     "step": step, "final": final}, train_state=state)
+                                     "train": cfg.to_dict(), "budget": budget,
+                                     "dataset": dataset.describe(), "step": step,
+                                     "final": final}, train_state=state)
         lines = "".join(json.dumps(c) + "\n" for c in curves)
         atomic_write_bytes(out / "curves.jsonl", lines.encode())
 
-    progress = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
-    bar = _Progress(cfg.steps, step, progress, label)
+    reporter = _Reporter(cfg.steps, step, label=label,
+                         bar=cfg.progress if cfg.progress is not None else sys.stderr.isatty(),
+                         log=cfg.log if cfg.log is not None else not sys.stderr.isatty())
     tokens_per_step = cfg.batch_size * cfg.seq_len
     # Steady-state timing starts after a few steps (compilation, allocator warm-up) and excludes
     # evaluation; the clock is read only where the loop synchronises anyway.
@@ -340,13 +235,16 @@ def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, resume: bool = False,
         """A whole optimizer step with no host synchronisation, so it can be captured."""
         x, y = sampler.batch(step_t)
         opt.zero_grad(set_to_none=not use_graph)   # a graph needs its gradients to stay put
-        loss, aux = step_loss(x, y)
-        (loss + aux).backward()
+        for xm, ym in zip(x.chunk(cfg.grad_accum), y.chunk(cfg.grad_accum)):
+            # Equal micro-batches, each mean loss over grad_accum: the gradients add up to those
+            # of the whole batch's mean loss.
+            loss, aux = step_loss(xm, ym)
+            ((loss + aux) / cfg.grad_accum).backward()
+            loss_sum.add_(loss.detach() / cfg.grad_accum)
+            aux_sum.add_(aux.detach() / cfg.grad_accum)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=cuda)
         opt.step()
-        loss_sum.add_(loss.detach())
-        aux_sum.add_(aux.detach())
         step_t.add_(1)
 
     # With CUDA graphs, the first steps run normally on a side stream (compilation, lazy optimizer
@@ -355,6 +253,7 @@ def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, resume: bool = False,
     graph, graph_from = None, step + 3
     side = torch.cuda.Stream(device) if use_graph else None
     t_start = time.perf_counter()
+    t_interval, interval_from = t_start, step      # the log line's ms/step: since the last one
     model.train()
     while step < cfg.steps:
         lr = lr_at(step, cfg)
@@ -381,7 +280,7 @@ def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, resume: bool = False,
             one_step()
         loss_n += 1
         step += 1
-        bar.update(1)
+        reporter.update(1)
         if on_ready is not None and (graph is not None or not use_graph):
             # Compiled and captured: from here on the run needs the device, not the CPU.
             on_ready()
@@ -392,42 +291,55 @@ def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, resume: bool = False,
             if cuda:
                 torch.cuda.synchronize(device)
             t_mark, mark_step = time.perf_counter(), step
-        if step % cfg.eval_every == 0 or step == cfg.steps:
+        evaluated = step % cfg.eval_every == 0 or step == cfg.steps
+        if evaluated:
             train_loss = loss_sum.item() / loss_n   # the one host sync between evaluations
+            now = time.perf_counter()
             if t_mark is not None:
-                timed_s += time.perf_counter() - t_mark
+                timed_s += now - t_mark
                 timed_steps += step - mark_step
-            val_loss, val_acc, expert_load = evaluate(model, val_x, val_y, autocast)
-            curves.append({"step": step, "train_loss": train_loss, "val_loss": val_loss,
-                           "val_acc": val_acc, "lr": lr})
+            val_loss, val_acc, expert_load = evaluate(model, val_x, val_y, autocast,
+                                                      micro_batch=cfg.micro_batch)
+            point = {"step": step, "train_loss": train_loss, "val_loss": val_loss,
+                     "val_acc": val_acc, "lr": lr}
             if expert_load is not None:
-                curves[-1].update(aux_loss=aux_sum.item() / loss_n, expert_load=expert_load)
+                point.update(aux_loss=aux_sum.item() / loss_n, expert_load=expert_load)
+            curves.append(point)
             if val_loss < best[0]:
                 best = (val_loss, step)
             loss_sum.zero_()
             aux_sum.zero_()
             loss_n = 0
-            bar.note(step, f"train {train_loss:.3f} val {val_loss:.3f}")
-            if t_mark is not None:
-                if cuda:
-                    torch.cuda.synchronize(device)
-                t_mark, mark_step = time.perf_counter(), step
+            interval_ms = 1e3 * (now - t_interval) / (step - interval_from)
+            reporter.evaluation({"step": step, "tokens": step * tokens_per_step, **point,
+                                 "ms_per_step": round(interval_ms, 3),
+                                 "tokens_per_s": round(tokens_per_step / interval_ms * 1e3),
+                                 "elapsed_s": round(now - t_start, 3)})
         if out is not None and (step == cfg.steps or (
                 cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
             save(final=step == cfg.steps)
+        if evaluated:
+            # Evaluation and checkpoints are not training time: both clocks restart after them.
+            if cuda:
+                torch.cuda.synchronize(device)
+            t_interval, interval_from = time.perf_counter(), step
+            if t_mark is not None:
+                t_mark, mark_step = t_interval, step
         if callback is not None:
             callback(step)
-    bar.close()
+    reporter.close()
     wall = time.perf_counter() - t_start
 
     ms_per_step = 1e3 * timed_s / timed_steps if timed_steps else None
     flops = train_step_flops(model.config, cfg.batch_size, cfg.seq_len)
     achieved = flops / (ms_per_step * 1e-3) / 1e12 if ms_per_step else None
+    peak, peak_source = peak_for(device, dtype, measured=peak_tflops)
     last = curves[-1] if curves else {}
     return {
         "label": label,
         "model_config": model.config.to_dict(),
         "train_config": cfg.to_dict(),
+        "budget": budget,
         "dataset": dataset.describe(),
         "params": model.num_params(),
         "device": str(device), "dtype": str(dtype).replace("torch.", ""), "compiled": use_compile,
@@ -441,65 +353,8 @@ def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, resume: bool = False,
         "wall_s": wall, "ms_per_step": ms_per_step,
         "tokens_per_s": tokens_per_step / (ms_per_step * 1e-3) if ms_per_step else None,
         "train_flops_per_step": flops, "achieved_tflops": achieved,
-        "peak_tflops": peak_tflops,
-        "mfu": achieved / peak_tflops if achieved and peak_tflops else None,
+        "peak_tflops": peak, "peak_source": peak_source,
+        "mfu": achieved / peak if achieved and peak else None,
         "run_record": run_record(device),
         "model": model,
     }
-
-
-def _parser() -> argparse.ArgumentParser:
-    d = TrainConfig()
-    p = argparse.ArgumentParser(prog="sqt train", description="Train a character-level LM.")
-    p.add_argument("--size", default="small", choices=[k for k in PRESETS if k != "sqa-dense"],
-                   help="model size preset")
-    p.add_argument("--layers", nargs="+", default=["mha"],
-                   help="one variant for all layers, or one per layer (e.g. sqt mha mha mha)")
-    p.add_argument("--data", default="tinyshakespeare",
-                   help="'tinyshakespeare' (bundled) or a path to a UTF-8 text file")
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--checkpoint-blocks", action="store_true",
-                   help="recompute each block in the backward pass: less memory, ~1 more forward")
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in ("compile", "cuda_graph", "progress"):
-            continue
-        default = getattr(d, f.name)
-        kind = type(default) if default is not None else (float if f.name == "min_lr" else str)
-        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=default)
-    p.add_argument("--compile", dest="compile", action="store_true", default=None)
-    p.add_argument("--no-compile", dest="compile", action="store_false")
-    p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false", default=None,
-                   help="run the step eagerly instead of replaying one captured CUDA graph")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run whose checkpoint is in --out-dir")
-    return p
-
-
-def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    from .data import load_dataset
-    try:
-        data = load_dataset(args.data)
-        fields = {f.name for f in dataclasses.fields(TrainConfig)}
-        cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
-        layers = args.layers[0] if len(args.layers) == 1 else tuple(args.layers)
-        model_cfg = preset(args.size, vocab_size=data.tokenizer.vocab_size, dropout=args.dropout,
-                           checkpoint_blocks=args.checkpoint_blocks, layers=layers,
-                           max_seq_len=max(cfg.seq_len, PRESETS[args.size]["max_seq_len"]))
-        result = train(model_cfg, cfg, data, resume=args.resume, label=args.size)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    result.pop("model")
-    keys = ("params", "best_val_loss", "best_step", "final_val_loss", "final_val_acc",
-            "ms_per_step", "tokens_per_s", "wall_s")
-    print(json.dumps({k: result[k] for k in keys}, indent=2))
-    if cfg.out_dir:
-        from .utils import atomic_write_json
-        atomic_write_json(Path(cfg.out_dir) / "result.json", result)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

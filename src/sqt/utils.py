@@ -1,5 +1,6 @@
-"""Small shared helpers: atomic file writes and the run record (versions, device, code revision)
-that every result carries so a number can be traced to what produced it."""
+"""Small shared helpers: atomic file writes, the one device resolver, the run record (versions,
+device, code revision) that every result carries so a number can be traced to what produced it,
+and the published peak rates that MFU is taken against when none was measured."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -54,10 +56,70 @@ def git_revision() -> str | None:
     return None
 
 
+DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+def check_device_name(value, *, name: str = "device") -> None:
+    """A ValueError unless `value` is spelled as a device this project runs on."""
+    if not isinstance(value, str) or not _DEVICE_RE.match(value):
+        raise ValueError(f"{name}={value!r}: expected {DEVICE_FORMS}")
+
+
+def resolve_device(value: str, *, name: str = "device") -> torch.device:
+    """`auto` (CUDA when available, else the CPU), `cpu`, `cuda` or `cuda:N`, checked against this
+    machine. `name` is how the caller's user knows the setting (`--device` on the command line)."""
+    check_device_name(value, name=name)
+    if value == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(value)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name}={value!r}: CUDA is not available on this machine; "
+                             "expected auto or cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"{name}={value!r}: this machine has {count} CUDA device(s); "
+                             f"expected cuda:0 .. cuda:{count - 1}")
+    return device
+
+
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from NVIDIA's data sheets, matched against
+# torch.cuda.get_device_name. A device not listed gets no peak, hence no MFU: never a guess.
+KNOWN_BF16_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    (r"H100.*PCIe", 756.5),                   # H100 PCIe
+    (r"H100 80GB HBM3|H100 SXM", 989.5),      # H100 SXM5
+    (r"GH200|H200$", 989.5),                  # H200 SXM, GH200: the H100 SXM's tensor cores
+    (r"A100", 312.0),                         # every A100 form factor
+)
+
+
+def known_peak_tflops(device_name: str, dtype: torch.dtype) -> float | None:
+    """The published dense peak for `device_name` computing in `dtype`, or None when unknown."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return None
+    return next((peak for pattern, peak in KNOWN_BF16_PEAK_TFLOPS
+                 if re.search(pattern, device_name)), None)
+
+
+def peak_for(device: torch.device, dtype: torch.dtype, *,
+             measured: float | None = None) -> tuple[float | None, str | None]:
+    """The peak TFLOP/s that MFU is taken against, and where it comes from: the caller's
+    measurement, else the published peak of a known CUDA device (KNOWN_BF16_PEAK_TFLOPS),
+    else none."""
+    if measured is not None:
+        return measured, "measured"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = known_peak_tflops(name, dtype)
+        if peak is not None:
+            return peak, f"published dense {str(dtype).replace('torch.', '')} peak of {name}"
+    return None, None
+
+
 def run_record(device: torch.device | str | None = None) -> dict:
     """Where and with what a result was produced."""
-    device = torch.device(device) if device is not None else torch.device(
-        "cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device) if device is not None else resolve_device("auto")
     rec = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
