@@ -344,6 +344,12 @@ RECIPES: dict[str, dict] = {
                       grad_clip=1.0, batch_size={"cuda": 32, "cpu": 4},
                       eval_batches={"cuda": 20, "cpu": 2}, steps={"cuda": 2000, "cpu": 50},
                       warmup={"cuda": 100, "cpu": 5}),
+    # The model card's schedule: lr 2e-3, cosine annealing without warm-up, context 256. Its batch
+    # is not stated; 128 x 256 tokens per step is ours.
+    "sqat-micro": dict(seq_len=256, lr=2e-3, dropout=0.0, weight_decay=0.1, beta1=0.9,
+                       beta2=0.99, grad_clip=1.0, batch_size={"cuda": 128, "cpu": 8},
+                       eval_batches={"cuda": 20, "cpu": 2}, steps={"cuda": 2000, "cpu": 50},
+                       warmup={"cuda": 0, "cpu": 0}),
 }
 DEVICE_TYPES = ("cuda", "cpu")
 
