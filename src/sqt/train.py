@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -267,8 +268,10 @@ def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, resume: bool = False,
     torch.manual_seed(cfg.seed)
     model = TransformerLM(model_cfg).to(device)
     opt = make_optimizer(model, cfg, device, graphed=use_graph)
-    sampler = Sampler(dataset.train.to(device), cfg.batch_size, cfg.seq_len, cfg.seed)
-    val_x, val_y = fixed_batches(dataset.val, cfg.eval_batches, cfg.batch_size, cfg.seq_len, device)
+    train_ids = torch.from_numpy(dataset.train.astype(np.int64))
+    val_ids = torch.from_numpy(dataset.val.astype(np.int64))
+    sampler = Sampler(train_ids.to(device), cfg.batch_size, cfg.seq_len, cfg.seed)
+    val_x, val_y = fixed_batches(val_ids, cfg.eval_batches, cfg.batch_size, cfg.seq_len, device)
     step, curves, best = 0, [], (math.inf, None)
     loss_sum = torch.zeros((), device=device)
     loss_n = 0
