@@ -112,7 +112,9 @@ def test_a_saved_tokenizer_is_reused(tmp_path):
     second = prepare(tmp_path / "b.txt", tmp_path / "a" / "tokenizer.json", tmp_path / "b",
                      log=quiet)
     assert second.tokenizer == first.tokenizer
-    assert second.meta["settings"]["tokenizer_sha256"] == first.tokenizer.sha256
+    assert second.meta["settings"]["tokenizer"] == f"sha256:{first.tokenizer.sha256}"
+    third = prepare(tmp_path / "b.txt", first.tokenizer, tmp_path / "b", log=quiet)
+    assert np.array_equal(third.train, second.train)   # the same tokenizer: nothing to redo
 
 
 def test_dtype_follows_the_vocabulary(tmp_path):
@@ -209,6 +211,9 @@ def test_broken_prepared_directories_are_clear_errors(tmp_path):
         PreparedDataset(out)
     CharTokenizer.from_text("xyz").save(out / "tokenizer.json")
     with pytest.raises(ValueError, match="tokenizer.json has sha256 .* but the tokens were made"):
+        PreparedDataset(out)
+    (out / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match="tokenizer.json' is missing"):
         PreparedDataset(out)
     (out / "meta.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):

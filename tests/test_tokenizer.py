@@ -6,8 +6,8 @@ import json
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from sqt.tokenizer import (EOT, BPETokenizer, CharTokenizer, load_tokenizer, tokenizer_from_json,
-                           train_bpe)
+from sqt.tokenizer import (EOT, BPETokenizer, CharTokenizer, decode_stream, load_tokenizer,
+                           tokenizer_from_json, train_bpe)
 
 SAMPLE = ("The quick brown fox jumps over the lazy dog. It's 2024!\n\n"
           "Naïve café, crème brûlée; 東京 and 北京 😀🎉  tabs\tand  spaces\n") * 20
@@ -65,6 +65,9 @@ def test_bpe_round_trip_on_any_text(bpe, pieces):
     ids = bpe.encode(text)
     assert bpe.decode(ids) == text
     assert ids.count(bpe.eot_id) == text.count(EOT)
+    pieces = list(decode_stream(bpe, ids))
+    assert "".join(pieces) == text
+    assert "\ufffd" in text or not any("\ufffd" in p for p in pieces)   # no half characters
 
 
 def test_bpe_vocabulary_and_determinism(bpe):

@@ -5,6 +5,7 @@ opens such a directory."""
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import sys
@@ -15,7 +16,8 @@ from typing import Callable, Optional
 import numpy as np
 
 from .corpus import CorpusReader, corpus_sha256
-from .tokenizer import EOT, MIN_BPE_VOCAB, TOKENIZER_FILE, CharTokenizer, load_tokenizer, train_bpe
+from .tokenizer import (EOT, MIN_BPE_VOCAB, TOKENIZER_FILE, BPETokenizer, CharTokenizer,
+                        load_tokenizer, train_bpe)
 from .utils import atomic_write_json
 
 FORMAT, FORMAT_VERSION = "sqt.prepared", 1
@@ -74,11 +76,16 @@ class PreparedDataset:
     def __init__(self, path):
         self.path = Path(path)
         self.meta = meta = read_meta(self.path)
-        self.tokenizer = load_tokenizer(self.path / TOKENIZER_FILE)
-        if self.tokenizer.sha256 != meta["tokenizer"]["sha256"]:
-            raise ValueError(f"{str(self.path)!r}: {TOKENIZER_FILE} has sha256 "
-                             f"{self.tokenizer.sha256}, but the tokens were made with "
-                             f"{meta['tokenizer']['sha256']}: {REDO}")
+        tok_file = self.path / TOKENIZER_FILE
+        # The file's own bytes are hashed (not a re-serialisation, which a newer `tokenizers`
+        # may spell differently).
+        if not tok_file.is_file():
+            raise ValueError(f"{str(tok_file)!r} is missing: {REDO}")
+        sha = hashlib.sha256(tok_file.read_bytes()).hexdigest()
+        if sha != meta["tokenizer"]["sha256"]:
+            raise ValueError(f"{str(self.path)!r}: {TOKENIZER_FILE} has sha256 {sha}, but the "
+                             f"tokens were made with {meta['tokenizer']['sha256']}: {REDO}")
+        self.tokenizer = load_tokenizer(tok_file)
         dtype = np.dtype(meta["dtype"]).newbyteorder("<")
         for split in SPLITS:
             file, n = self.path / f"{split}.bin", meta["tokens"][split]
@@ -130,8 +137,9 @@ def prepare(corpus, tokenizer, out_dir, *, val_fraction: float = 0.01, min_frequ
     corpus: a UTF-8 text file, plain or `.gz` (read as a stream, never whole). Lines holding only
         `<|endoftext|>` separate documents; a file without them is one document.
     tokenizer: `char` (the corpus's own characters, plus an end-of-text id when it has document
-        markers), `bpe:VOCAB` (a byte-level BPE of VOCAB symbols trained on the whole corpus) or
-        the path of a `tokenizer.json` (or of a directory holding one) to reuse.
+        markers), `bpe:VOCAB` (a byte-level BPE of VOCAB symbols trained on the whole corpus),
+        the path of a `tokenizer.json` (or of a directory holding one) to reuse, or a
+        `CharTokenizer` / `BPETokenizer`.
     val_fraction: in (0, 0.5]. Every k-th document, k = round(1 / val_fraction), is validation
         (spread over the corpus, none cut in two); a corpus with fewer than k documents is split
         by position instead: the last val_fraction of its tokens. The default 0.01 gives the
@@ -152,14 +160,17 @@ def prepare(corpus, tokenizer, out_dir, *, val_fraction: float = 0.01, min_frequ
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) \
             or not 0 < val_fraction <= 0.5:
         raise ValueError(f"val_fraction={val_fraction!r}: expected a number in (0, 0.5]")
-    kind, arg = parse_tokenizer_spec(tokenizer)
-    loaded = load_tokenizer(arg) if kind == "file" else None
-    settings = {"tokenizer": kind if kind != "bpe" else f"bpe:{arg}",
+    if isinstance(tokenizer, (CharTokenizer, BPETokenizer)):
+        kind, arg, loaded = "given", None, tokenizer
+    else:
+        kind, arg = parse_tokenizer_spec(tokenizer)
+        loaded = load_tokenizer(arg) if kind == "file" else None
+    # A tokenizer handed in is known by its hash, one made here by its recipe.
+    recipe = {"char": "char", "bpe": f"bpe:{arg}"}
+    settings = {"tokenizer": recipe.get(kind) or f"sha256:{loaded.sha256}",
                 "val_fraction": float(val_fraction)}
     if kind == "bpe":
         settings["min_frequency"] = min_frequency
-    if loaded is not None:
-        settings["tokenizer_sha256"] = loaded.sha256
     if _up_to_date(corpus, out_dir, settings, overwrite, say):
         return PreparedDataset(out_dir)
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from .utils import atomic_write_bytes
 
 EOT = "<|endoftext|>"
 """The end-of-text token: it separates documents in a corpus and in training windows."""
@@ -27,7 +29,7 @@ def _ids_list(ids) -> list:
     return ids.reshape(-1).tolist() if hasattr(ids, "tolist") else list(ids)
 
 
-class _Saved:
+class _TokenizerJSON:
     """What both tokenizers share: the tokenizer.json form, its hash, and saving it."""
 
     def to_hf(self) -> Tokenizer:
@@ -45,7 +47,6 @@ class _Saved:
     def save(self, path) -> Path:
         """Write `tokenizer.json` to `path` (a file path, or an existing directory to write
         `tokenizer.json` into); returns the file written."""
-        from .utils import atomic_write_bytes
         path = Path(path)
         if path.is_dir():
             path = path / TOKENIZER_FILE
@@ -59,7 +60,7 @@ class _Saved:
         return hash(self.sha256)
 
 
-class CharTokenizer(_Saved):
+class CharTokenizer(_TokenizerJSON):
     """One token per distinct character, ids in sorted character order (as nanoGPT's
     shakespeare_char, so Tiny Shakespeare gets the usual 65-symbol vocabulary).
 
@@ -172,7 +173,7 @@ class CharTokenizer(_Saved):
         return f"CharTokenizer(vocab_size={self.vocab_size}, eot_id={self.eot_id})"
 
 
-class BPETokenizer(_Saved):
+class BPETokenizer(_TokenizerJSON):
     """Byte-level BPE (GPT-2's pre-tokenizer regex, no normalizer), a thin wrapper over a
     `tokenizers.Tokenizer`. Every UTF-8 text round-trips exactly; `<|endoftext|>` anywhere in a
     text is the single token `eot_id`."""
@@ -229,6 +230,20 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2,
                                   show_progress=show_progress)
     tok.train_from_iterator(texts, trainer)
     return BPETokenizer(tok)
+
+
+def decode_stream(tokenizer, ids: Iterable[int]) -> Iterator[str]:
+    """Text as the ids arrive (for printing while generating): a byte-level BPE token can hold
+    part of a character, so ids are held back until what they decode to is whole."""
+    pending: list[int] = []
+    for i in ids:
+        pending.append(int(i))
+        text = tokenizer.decode(pending)
+        if not text.endswith("\ufffd"):
+            pending = []
+            yield text
+    if pending:
+        yield tokenizer.decode(pending)
 
 
 def tokenizer_from_json(text: str, where: str = "tokenizer.json"):
