@@ -14,6 +14,8 @@ Method (also written into the JSON):
 - `read_pass` times one bare pass of reading the corpus (decompress, decode, sha256), the floor
   under each of the two passes. `rerun` times prepare again on the finished directory: it only
   hashes the corpus and finds nothing to do.
+- `peak_rss_mib` is the process's peak resident memory: the corpus is streamed, so it stays far
+  below the corpus's size (one batch of text and its ids, the tokenizer, the trainer's counts).
 - The machine's load average before and after is recorded: other processes on the same cores
   slow every phase, so a figure is comparable only with others taken at a similar load.
 """
@@ -25,6 +27,7 @@ import datetime
 import os
 import platform
 import re
+import resource
 import shutil
 import tempfile
 import time
@@ -71,6 +74,7 @@ def run(corpus: Path, tokenizer: str, *, val_fraction: float, out_dir: Path) -> 
                     **{k: v for k, v in meta["timing_s"].items() if k != "total"},
                     "read_pass": round(read_s, 2), "read_pass_cpu": round(read_cpu, 2),
                     "rerun": round(rerun_s, 2)},
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "target": {"what": TARGET, "seconds": TARGET_S},
     }
 
@@ -114,7 +118,8 @@ def main(argv=None) -> int:
           f"tokenizer {s['tokenizer']:.1f} s, encode {s['encode']:.1f} s; read pass "
           f"{s['read_pass']:.1f} s; re-run {s['rerun']:.1f} s")
     print(f"  {t['train']:,} train + {t['val']:,} val tokens, "
-          f"{result['tokens_per_byte']:.3f} tokens/byte, {result['dtype']}")
+          f"{result['tokens_per_byte']:.3f} tokens/byte, {result['dtype']}; peak memory "
+          f"{result['peak_rss_mib']} MiB")
     print(f"  target: <= {TARGET_S:.0f} s ({TARGET}); measured {s['total']:.1f} s")
     print(f"  wrote {path}")
     return 0
