@@ -14,8 +14,9 @@ Method (also written into the JSON):
 - `read_pass` times one bare pass of reading the corpus (decompress, decode, sha256), the floor
   under each of the two passes. `rerun` times prepare again on the finished directory: it only
   hashes the corpus and finds nothing to do.
-- `peak_rss_mib` is the process's peak resident memory: the corpus is streamed, so it stays far
-  below the corpus's size (one batch of text and its ids, the tokenizer, the trainer's counts).
+- `peak_rss_mib` is the process's peak resident memory. The corpus is streamed, never held
+  whole: what it counts is the imports (about 220 MiB, torch among them), the BPE trainer's word
+  counts (about 340 MiB on the Wikipedia corpus), and one batch of text and its ids.
 - The machine's load average before and after is recorded: other processes on the same cores
   slow every phase, so a figure is comparable only with others taken at a similar load.
 """
