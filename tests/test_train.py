@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -75,7 +76,7 @@ def test_resume_refuses_a_different_run(data, tmp_path):
 def test_checkpoint_round_trip_gives_identical_logits(data, tmp_path):
     r = train(MODEL, cfg(out_dir=str(tmp_path)), data)
     loaded, meta = load_model(tmp_path)
-    x = data.val[:32][None]
+    x = torch.from_numpy(data.val[:32].astype(np.int64))[None]
     with torch.no_grad():
         assert torch.equal(loaded(x), r["model"].eval()(x))
     assert meta["tokenizer"] == data.tokenizer.to_dict() and meta["step"] == 8

@@ -74,7 +74,7 @@ def _add_generate(sub) -> None:
 
 def _tokenizer(meta: dict, vocab_size: int, directory: str):
     from .checkpoint import CheckpointError
-    from .data import CharTokenizer
+    from .tokenizer import CharTokenizer
     spec = meta.get("tokenizer")
     if spec is None:
         raise CheckpointError(f"{directory!r} has no tokenizer in config.json: expected a "

@@ -1,5 +1,6 @@
-"""Training text, offline: the bundled Tiny Shakespeare (gzip inside the package, sha256-checked on
-load), any user text file, the character tokenizer, and the train/val token tensors."""
+"""Training data, offline: the bundled Tiny Shakespeare (sha256-checked), character-level text
+files, corpora prepared once into memory-mapped token files (`prepare`, `PreparedDataset`, from
+sqt.prepared), and the window gather that training draws its batches through."""
 
 from __future__ import annotations
 
@@ -9,9 +10,16 @@ import zlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
-import torch
+import numpy as np
+
+from .prepared import PreparedDataset, parse_tokenizer_spec, prepare, token_dtype
+from .tokenizer import BPETokenizer, CharTokenizer, load_tokenizer
+
+__all__ = ["BPETokenizer", "CharTokenizer", "PreparedDataset", "TextDataset", "gather_windows",
+           "load_dataset", "load_text_file", "load_tinyshakespeare", "load_tokenizer",
+           "parse_tokenizer_spec", "prepare", "read_bundled_text", "token_dtype"]
 
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 TINY_SHAKESPEARE_FILE = "tinyshakespeare.txt.gz"
@@ -20,77 +28,37 @@ distinct characters); the checksum is of the decompressed text, so results stay 
 published numbers on it."""
 
 
-class CharTokenizer:
-    """One token per distinct character, ids in sorted character order (as nanoGPT's
-    shakespeare_char, so Tiny Shakespeare gets the usual 65-symbol vocabulary)."""
-
-    def __init__(self, chars: Iterable[str]):
-        chars = "".join(chars)
-        if not chars:
-            raise ValueError("CharTokenizer chars='': expected at least one character")
-        if len(set(chars)) != len(chars):
-            raise ValueError("CharTokenizer chars: expected distinct characters, got repeats")
-        self.chars = chars
-        self._stoi = {c: i for i, c in enumerate(chars)}
-
-    @classmethod
-    def from_text(cls, text: str) -> "CharTokenizer":
-        return cls(sorted(set(text)))
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.chars)
-
-    def encode(self, text: str) -> list[int]:
-        try:
-            return [self._stoi[c] for c in text]
-        except KeyError:
-            bad = sorted(set(text) - set(self._stoi))
-            raise ValueError(f"text contains {len(bad)} character(s) not in the tokenizer's "
-                             f"vocabulary of {self.vocab_size}: {''.join(bad)[:40]!r}") from None
-
-    def decode(self, ids) -> str:
-        if isinstance(ids, torch.Tensor):
-            ids = ids.flatten().tolist()
-        out = []
-        for i in ids:
-            if not (isinstance(i, int) and 0 <= i < self.vocab_size):
-                raise ValueError(f"token id {i!r}: expected an integer in 0..{self.vocab_size - 1}")
-            out.append(self.chars[i])
-        return "".join(out)
-
-    def to_dict(self) -> dict:
-        return {"type": "char", "chars": self.chars}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CharTokenizer":
-        ok = isinstance(d, dict) and d.get("type") == "char" and isinstance(d.get("chars"), str)
-        if not ok:
-            got = d.get("type") if isinstance(d, dict) else type(d).__name__
-            raise ValueError(f"tokenizer type={got!r}: expected {{'type': 'char', 'chars': str}}")
-        return cls(d["chars"])
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, CharTokenizer) and other.chars == self.chars
-
-    def __repr__(self) -> str:
-        return f"CharTokenizer(vocab_size={self.vocab_size})"
+def gather_windows(tokens: np.ndarray, starts, seq_len: int) -> np.ndarray:
+    """Windows tokens[s : s + seq_len + 1] for each start s, as a (B, seq_len + 1) int64 array
+    (inputs are [:, :-1], targets [:, 1:]). One contiguous copy per window, so on a memmap only
+    the pages of the windows are read; `torch.from_numpy` of the result does not copy."""
+    starts = np.asarray(starts).reshape(-1)
+    width = seq_len + 1
+    if starts.size and (starts.min() < 0 or starts.max() > len(tokens) - width):
+        raise ValueError(f"starts: expected offsets in 0..{len(tokens) - width} for windows of "
+                         f"{width} tokens in {len(tokens)}, got {starts.min()}..{starts.max()}")
+    out = np.empty((starts.size, width), dtype=np.int64)
+    for row, s in zip(out, starts.tolist()):
+        row[:] = tokens[s:s + width]
+    return out
 
 
 @dataclass
 class TextDataset:
-    """A corpus as token ids: the first (1 - val_fraction) of the text trains, the rest validates
-    (a contiguous tail, not a random sample, so no validation text leaks into training)."""
+    """A character-level corpus held in memory: the first (1 - val_fraction) of the text trains,
+    the rest validates (a contiguous tail, not a random sample, so no validation text leaks into
+    training)."""
 
     name: str
     tokenizer: CharTokenizer
-    train: torch.Tensor   # int64 (N_train,)
-    val: torch.Tensor     # int64 (N_val,)
+    train: np.ndarray   # (N_train,) token ids, uint16 (uint32 past 65,536 symbols)
+    val: np.ndarray     # (N_val,)
     sha256: str
 
     def describe(self) -> dict:
         return {"name": self.name, "sha256": self.sha256, "vocab_size": self.tokenizer.vocab_size,
-                "train_tokens": int(self.train.numel()), "val_tokens": int(self.val.numel())}
+                "tokenizer_sha256": self.tokenizer.sha256,
+                "train_tokens": int(self.train.size), "val_tokens": int(self.val.size)}
 
 
 def _sha256(text: str) -> str:
@@ -102,7 +70,7 @@ def dataset_from_text(text: str, name: str, val_fraction: float = 0.1,
     if not (isinstance(val_fraction, float) and 0.0 < val_fraction < 1.0):
         raise ValueError(f"val_fraction={val_fraction!r}: expected a float in (0, 1)")
     tok = tokenizer or CharTokenizer.from_text(text)
-    ids = torch.tensor(tok.encode(text), dtype=torch.long)
+    ids = tok.encode_array(text).astype(token_dtype(tok.vocab_size))
     n_train = int(len(ids) * (1 - val_fraction))
     if n_train < 2 or len(ids) - n_train < 2:
         raise ValueError(f"{name}: {len(ids)} characters is too short to split into train and "
@@ -138,7 +106,9 @@ def load_tinyshakespeare(val_fraction: float = 0.1, path=None) -> TextDataset:
 
 
 def load_text_file(path, val_fraction: float = 0.1) -> TextDataset:
-    """Any UTF-8 text file (plain or .gz), character vocabulary built from its own text."""
+    """Any UTF-8 text file (plain or .gz), character vocabulary built from its own text (with
+    an end-of-text id if it holds `<|endoftext|>`; `prepare` is the way to split such a corpus at
+    its document boundaries)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"text file {str(path)!r} does not exist: expected a UTF-8 text "
@@ -154,8 +124,11 @@ def load_text_file(path, val_fraction: float = 0.1) -> TextDataset:
     return dataset_from_text(text, path.name, val_fraction)
 
 
-def load_dataset(name_or_path: str = "tinyshakespeare", val_fraction: float = 0.1) -> TextDataset:
-    """`tinyshakespeare` (bundled) or a path to a text file."""
+def load_dataset(name_or_path: str = "tinyshakespeare", val_fraction: float = 0.1):
+    """`tinyshakespeare` (bundled), a directory written by `prepare`, or a path to a text file
+    (character-level, split 1 - val_fraction / val_fraction)."""
     if name_or_path == "tinyshakespeare":
         return load_tinyshakespeare(val_fraction)
+    if Path(name_or_path).is_dir():
+        return PreparedDataset(name_or_path)
     return load_text_file(name_or_path, val_fraction)
