@@ -254,7 +254,7 @@ def test_an_epoch_budget_is_measured_on_the_training_split():
     r = train(LMConfig(vocab_size=small.tokenizer.vocab_size, d_model=16, n_heads=2, n_layers=1,
                        d_ff=16, max_seq_len=16),
               cfg(steps=None, epochs=2, batch_size=4, seq_len=16, eval_every=100), small)
-    steps = math.ceil(2 * small.train.numel() / (4 * 16))
+    steps = math.ceil(2 * len(small.train) / (4 * 16))
     assert r["budget"]["steps"] == r["train_config"]["steps"] == r["curves"][-1]["step"] == steps
     assert r["budget"]["asked"] == {"epochs": 2} and r["budget"]["epochs"] >= 2
 
