@@ -190,6 +190,19 @@ def test_a_layer_reports_the_backend_it_runs_at_each_length(fa4_available):
         hd16.backend_for(cuda, seq_len=64, grad=True)
 
 
+def test_the_gpu_check_of_flash_runs_on_reference_kernels(reference_kernels, monkeypatch):
+    """bench.gpu_check's flash part, end to end on the CPU with the reference in FA4's place:
+    what it records, and that a right kernel reads as bf16 rounding."""
+    from bench import gpu_check_flash as check
+    monkeypatch.setattr(check, "SEQ", 32)
+    monkeypatch.setattr(check, "BATCH", 2)
+    row = check.check_case(torch.device("cpu"), 64, "sqa@128", True)
+    assert row["backends"] == ["flash"] and row["within_bf16_rounding"]
+    assert row["grad_max_rel"] < 0.05 and row["out_rel"] < 0.05 and row["grad_max_abs"] > 0
+    forward_only = check.check_case(torch.device("cpu"), 16, "table:xsqa", False)
+    assert "grad_max_rel" not in forward_only and forward_only["within_bf16_rounding"]
+
+
 def test_the_device_probe_is_a_constant_to_the_compiler(monkeypatch):
     """Compiled code takes the FA4 device probe's answer as a constant rather than tracing the
     import and the capability query behind it (no graph break in the compiled training step)."""
