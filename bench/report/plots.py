@@ -47,7 +47,7 @@ def throughput_plot(result: dict, path: Path) -> str:
     variants = list(dict.fromkeys(c["variant"] for c in cases))
     colors = {v: plt.cm.tab20(i % 20) for i, v in enumerate(variants)}
     for ax, mode in zip(axes[0], modes):
-        for fam, style in (("sdpa", "-"), ("flex", "--")):
+        for fam, style in (("sdpa", "-"), ("flex", "--"), ("flash", "-.")):
             for v in variants:
                 pts = sorted((c["seq"], c["seconds"]) for c in cases
                              if c["mode"] == mode and c["family"] == fam and c["variant"] == v)

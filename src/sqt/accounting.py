@@ -70,6 +70,17 @@ def attention_flops(spec: LayerSpec, head_dim: int, batch: int, q_len: int, *,
     return 4.0 * batch * heads * head_dim * pairs
 
 
+# FlashAttention's benchmarks credit the backward with 2.5 forwards: it runs five matmuls of the
+# forward's size (recomputed scores, dV, dP, dQ, dK) to the forward's two.
+ATTENTION_BACKWARD_FACTOR = 2.5
+
+
+def attention_train_flops(spec: LayerSpec, head_dim: int, batch: int, q_len: int) -> float:
+    """Forward plus backward FLOPs of one layer's causal attention op, counted as FlashAttention
+    counts them (see ATTENTION_BACKWARD_FACTOR)."""
+    return (1.0 + ATTENTION_BACKWARD_FACTOR) * attention_flops(spec, head_dim, batch, q_len)
+
+
 def sum_visible_keys(q_len: int, offset: int, window: int | None) -> float:
     """Number of (query, key) pairs a causal (windowed) mask lets through, queries at positions
     offset .. offset+q_len-1."""

@@ -19,10 +19,11 @@ BLOCKS = ("classic", "modern")
 """`classic`: the SQT seed's block (learned absolute positions, LayerNorm, GELU MLP, biases).
 `modern`: the SQA papers' block (RoPE, RMSNorm, SwiGLU, no biases)."""
 
-BACKENDS = ("auto", "sdpa", "flex", "eager")
+BACKENDS = ("auto", "sdpa", "flex", "flash", "eager")
 """The attention op: `sdpa` (PyTorch scaled_dot_product_attention, K/V shared via enable_gqa),
-`flex` (FlexAttention, for sliding windows), `eager` (reference math, for tests). `auto` picks sdpa
-for full causal layers and flex for windowed ones."""
+`flex` (FlexAttention, for sliding windows), `flash` (FlashAttention-4 on Hopper GPUs, the optional
+`flash` extra), `eager` (reference math, for tests). `auto` picks sdpa for full causal layers (flash
+where it is installed and measured faster: sqt.kernels.AUTO_FLASH) and flex for windowed ones."""
 
 MOE_IMPLS = ("grouped", "loop")
 """How a mixture-of-experts layer runs its experts: `grouped` (tokens sorted by expert, one grouped
@@ -164,7 +165,8 @@ class LMConfig:
     tie_embeddings: bool = field(default=False, metadata={
         "help": "share the token embedding with the LM head"})
     backend: str = field(default="auto", metadata={
-        "help": "attention op: auto, sdpa, flex or eager (auto: sdpa, flex for windows)"})
+        "help": "attention op: auto, sdpa, flex, flash or eager (auto: sdpa, or flash where "
+                "installed and measured faster; flex for windows)"})
     rope_base: float = field(default=10000.0, metadata={
         "help": "RoPE base frequency (modern block and rotary queries)"})
     norm_eps: float = field(default=1e-5, metadata={"help": "epsilon of the norms"})
