@@ -24,6 +24,7 @@ PROCESS_START = time.perf_counter()
 
 import argparse
 import datetime
+import json
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -37,12 +38,12 @@ from sqt.utils import atomic_write_json, resolve_device, run_record
 
 from .common import show_run
 from .query_summary import controls_summary, static_summary, uptrain_summary
-from .query_tasks import after_base, init_worker, train_task
+from .query_tasks import SUMMARY_KEYS, after_base, init_worker, train_task
 
 EXPERIMENTS = ("static", "uptrain", "controls")
 TINY = dict(size="tiny", steps=4, batch_size=2, seq_len=32, eval_batches=1, seeds=1,
             fractions=[0.5], finetune_fraction=0.5, probe_tokens=256, corpus_tokens=256,
-            targets=["xsqa"], controls=["idq", "rndq"], jobs=1, device="cpu")
+            targets=["xsqa"], controls=["idq", "rndq"], jobs=1, threads=1, device="cpu")
 """--tiny: every experiment in seconds on the CPU, to check the pipeline, not to measure."""
 
 
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--controls", nargs="+", default=["idq", "rndq", "sqt"])
     p.add_argument("--probe-tokens", type=int, default=65536,
                    help="validation tokens the probe reads")
-    p.add_argument("--corpus-tokens", type=int, default=65536,
+    p.add_argument("--corpus-tokens", type=int, default=262144,
                    help="training tokens the static tables average over")
     p.add_argument("--per-head", action="store_true", help="probe: Δ loss per head as well")
     p.add_argument("--eval-batch", type=int, default=16, help="windows per scoring forward")
@@ -76,16 +77,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes: runs prepare (compile, capture) side by side")
     p.add_argument("--device-slots", type=int, default=1,
                    help="runs whose training steps share the device at once")
+    p.add_argument("--threads", type=int, default=None,
+                   help="on the CPU, threads per worker (default: cores / jobs)")
     p.add_argument("--no-compile", action="store_true",
                    help="train from-scratch runs eagerly too (fine-tunes always are)")
     p.add_argument("--tiny", action="store_true", help="a CPU smoke run of every experiment")
+    p.add_argument("--no-report", action="store_true",
+                   help="do not show the run as the report renders it at the end")
     p.add_argument("--out", default="bench/results")
     p.add_argument("--tag", default=None)
+    p.add_argument("--into", default=None, metavar="RUN_DIR",
+                   help="add to an earlier run folder of the same preset: its MHA bases and "
+                        "finished runs are reused, and its summary covers everything it holds "
+                        "(split work that does not fit one command)")
     return p
 
 
-def plan(args) -> tuple[list, list]:
-    """(from-scratch training specs, seeds whose base gets the conversions)."""
+def plan(args, run_dir: Path) -> tuple[list, list]:
+    """(from-scratch training specs, seeds whose base gets the conversions); runs the run folder
+    holds already are not planned again."""
     base_steps = args.steps or recipe_settings(args.size, args.device_type)["steps"]
     seeds = list(range(args.seeds))
     specs = [{"role": "base", "label": f"base-mha-s{s}", "variant": "mha", "layers": "mha",
@@ -98,51 +108,72 @@ def plan(args) -> tuple[list, list]:
     if "controls" in args.experiments:
         specs += [{"role": "control", "label": f"control-{v}-s{s}", "variant": v, "layers": v,
                    "seed": s, "steps": base_steps} for v in args.controls for s in seeds]
+    specs = [s for s in specs if not (run_dir / "runs" / f"{s['label']}.json").is_file()]
     return specs, seeds if {"static", "uptrain"} & set(args.experiments) else []
 
 
-def execute(args, specs, seeds, common) -> tuple[list, list]:
-    """Train every spec, and each seed's conversions as soon as its base is trained."""
+def execute(args, specs, seeds, common) -> None:
+    """Train every spec, and each seed's conversions as soon as its base is trained (or at once,
+    when the run folder holds it already). Results go to the run folder."""
+    pending = {s["seed"] for s in specs if s["role"] == "base"}
+    threads = (args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+               if args.device_type == "cpu" else None)
     if args.jobs == 1:   # in this process, one after another
-        init_worker(None, None)
-        runs = [train_task(s, common) for s in specs]
-        return runs, [after_base(seed, common) for seed in seeds]
+        before = torch.get_num_threads()
+        init_worker(None, threads)
+        try:
+            for s in specs:
+                train_task(s, common)
+            for seed in seeds:
+                after_base(seed, common)
+        finally:
+            torch.set_num_threads(before)
+        return
     ctx = torch.multiprocessing.get_context("spawn")
     slots = ctx.Semaphore(args.device_slots) if args.device_type == "cuda" else None
-    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.device_type == "cpu" else None
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx, initializer=init_worker,
                              initargs=(slots, threads)) as pool:
+        after = [pool.submit(after_base, seed, common) for seed in seeds if seed not in pending]
         trained = {pool.submit(train_task, s, common): s for s in specs}
-        after, runs = [], []
         for fut in as_completed(list(trained)):
-            spec, result = trained[fut], fut.result()
-            runs.append(result)
+            spec = trained[fut]
+            fut.result()
             if spec["role"] == "base" and spec["seed"] in seeds:
                 after.append(pool.submit(after_base, spec["seed"], common))
-        done = sorted((f.result() for f in after), key=lambda s: s["seed"])
-    return runs, done
+        for fut in after:
+            fut.result()
 
 
-def summarize(args, runs, seeds, record, run_dir) -> dict:
-    by_role = {role: sorted((r for r in runs if r["role"] == role), key=lambda r: r["label"])
+def summarize(args, record, run_dir: Path) -> dict:
+    """summary.json from everything the run folder holds (this command's work and earlier)."""
+    runs = [json.loads(p.read_text()) for p in sorted((run_dir / "runs").glob("*.json"))]
+    runs = [{k: r[k] for k in SUMMARY_KEYS if k in r} for r in runs]
+    seeds = sorted((json.loads(p.read_text()) for p in (run_dir / "seeds").glob("*.json")),
+                   key=lambda s: s["seed"])
+    by_role = {role: [r for r in runs if r["role"] == role]
                for role in ("base", "scratch", "control")}
-    summary = {"kind": "query", "run_record": record, "preset": args.size, "data": args.data,
-               "seeds": args.seeds, "experiments": args.experiments,
+    earlier = run_dir / "summary.json"
+    commands = (json.loads(earlier.read_text()).get("commands", []) if earlier.is_file()
+                else []) + [record["command"]]
+    summary = {"kind": "query", "run_record": record, "commands": commands, "preset": args.size,
+               "data": args.data, "seeds": len(by_role["base"]), "experiments": [],
                "base_steps": by_role["base"][0]["steps"], "runs": runs,
                "hparams": recipe_settings(args.size, args.device_type)}
-    if seeds and "static" in args.experiments:
+    if seeds and all("static" in s for s in seeds):
         summary["static"] = static_summary(seeds)
-    if seeds and "uptrain" in args.experiments:
+    if seeds and all(s.get("uptrain") for s in seeds):
         summary["uptrain"] = uptrain_summary(seeds, by_role["scratch"])
-    if "controls" in args.experiments:
-        summary["controls"] = controls_summary(by_role["control"], by_role["base"], seeds)
-    atomic_write_json(run_dir / "summary.json", summary)
+    if by_role["control"]:
+        summary["controls"] = controls_summary(by_role["control"], by_role["base"])
+    summary["experiments"] = [e for e in ("static", "uptrain", "controls") if e in summary]
+    atomic_write_json(earlier, summary)
     return summary
 
 
 def check(args) -> None:
-    for name in ("seeds", "jobs", "device_slots", "probe_tokens", "corpus_tokens", "eval_batch"):
-        if getattr(args, name) < 1:
+    for name in ("seeds", "jobs", "device_slots", "probe_tokens", "corpus_tokens", "eval_batch",
+                 "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)}: expected >= 1")
     for f in args.fractions + [args.finetune_fraction]:
         if not 0 < f <= 1:
@@ -160,15 +191,23 @@ def main(argv=None) -> int:
         check(args)
         device = resolve_device(args.device, name="--device")
         args.device_type = device.type
-        specs, seeds = plan(args)
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(args.out) / "query" / f"{stamp}-{args.size}" \
+            f"{'-' + args.tag if args.tag else ''}"
+        if args.into:
+            run_dir = Path(args.into)
+            earlier = json.loads((run_dir / "summary.json").read_text()) \
+                if (run_dir / "summary.json").is_file() else {}
+            if earlier.get("preset", args.size) != args.size:
+                raise ValueError(f"--into {args.into!r} holds preset {earlier['preset']!r}, "
+                                 f"not {args.size!r}")
+        specs, seeds = plan(args, run_dir)
         from sqt.runconfig import recipe
         for spec in specs:   # every model and recipe is valid before anything trains
             recipe(args.size, layers=spec["layers"], device=str(device), steps=spec["steps"])
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(args.out) / "query" / f"{stamp}-{args.size}{'-' + args.tag if args.tag else ''}"
     overrides = {"batch_size": args.batch_size, "seq_len": args.seq_len,
                  "eval_batches": args.eval_batches, "compile": False if args.no_compile else None}
     common = {"preset": args.size, "data": args.data, "device": str(device),
@@ -181,13 +220,16 @@ def main(argv=None) -> int:
     steps = sum(s["steps"] for s in specs)
     print(f"query: {len(specs)} runs from scratch ({steps:,} steps), conversions of "
           f"{len(seeds)} base(s), on {device}, jobs={args.jobs} -> {run_dir}", flush=True)
-    runs, done = execute(args, specs, seeds, common)
+    execute(args, specs, seeds, common)
     record = {**run_record(device), "jobs": args.jobs, "device_slots": args.device_slots,
               "total_wall_s": time.perf_counter() - PROCESS_START, "wall_from": "process start",
               "command": "python -m bench.query " + " ".join(sys.argv[1:] if argv is None
                                                                else argv)}
-    summarize(args, runs, done, record, run_dir)
-    show_run(run_dir / "summary.json", record["total_wall_s"])
+    summarize(args, record, run_dir)
+    if args.no_report:
+        print(f"Wall time {record['total_wall_s']:.1f} s. Summary: {run_dir / 'summary.json'}")
+    else:
+        show_run(run_dir / "summary.json", record["total_wall_s"])
     return 0
 
 

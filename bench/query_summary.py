@@ -64,44 +64,41 @@ def uptrain_summary(seeds: list[dict], scratch: list[dict]) -> dict:
                              "flops": steps * per_step[target],
                              "loss": mean_std([r["eval_loss"] for r in runs.values()])})
     rows = []
-    for i, first in enumerate(seeds[0]["uptrain"]):
+    for first in seeds[0]["uptrain"]:
         target, method = first["target"], first["method"]
-        cells = [s["uptrain"][i] for s in seeds]
+        cells = {s["seed"]: c for s in seeds for c in s["uptrain"]
+                 if (c["target"], c["method"]) == (target, method)}
         row = {"target": target, "method": method, "heads": first["heads"],
-               "converted": mean_std([c["converted"] for c in cells]), "fractions": []}
-        for f, point in first["fractions"].items():
-            f = float(f)
-            losses = [c["fractions"][str(f)]["loss"] for c in cells]
-            mine = by_key.get((target, f), {})
-            paired = [(loss, mine[s["seed"]]["eval_loss"]) for loss, s in zip(losses, seeds)
-                      if s["seed"] in mine]
+               "converted": mean_std([c["converted"] for c in cells.values()]), "fractions": []}
+        for key, point in first["fractions"].items():
+            f, mine = float(key), by_key.get((target, float(key)), {})
+            losses = {seed: c["fractions"][key]["loss"] for seed, c in cells.items()
+                      if key in c["fractions"]}
+            paired = [loss - mine[seed]["eval_loss"] for seed, loss in losses.items()
+                      if seed in mine]
             row["fractions"].append({
                 "fraction": f, "steps": point["steps"],
                 "flops": base_steps * per_step["mha"] + point["steps"] * per_step[target],
-                "loss": mean_std(losses),
-                "delta_vs_scratch": mean_std([a - b for a, b in paired]) if paired else None})
+                "loss": mean_std(list(losses.values())),
+                "delta_vs_scratch": mean_std(paired) if paired else None})
         rows.append(row)
     return {"base_steps": base_steps, "rows": rows, "scratch": scratch_rows,
             "mha": {"loss": mean_std([s["base_loss"] for s in seeds]),
                     "flops": base_steps * per_step["mha"]}}
 
 
-def controls_summary(controls: list[dict], bases: list[dict], seeds: list[dict]) -> list[dict]:
-    """One row per variant (MHA first): loss, parameters, and the layers' mean positional share."""
-    rows = [{"variant": "mha", "params": bases[0]["params"],
-             "loss": mean_std([b["eval_loss"] for b in bases]),
-             "q_share": mean_std([sum(r["q_share_layer"] for r in s["probe"]["layers"])
-                                  / len(s["probe"]["layers"]) for s in seeds])}] if bases else []
-    for variant in dict.fromkeys(c["variant"] for c in controls):
-        runs = [c for c in controls if c["variant"] == variant]
-        rows.append({"variant": variant, "params": runs[0]["params"],
-                     "loss": mean_std([r["eval_loss"] for r in runs]),
-                     "q_share": mean_std([sum(r["q_share_layers"]) / len(r["q_share_layers"])
-                                          for r in runs])})
+def controls_summary(controls: list[dict], bases: list[dict]) -> list[dict]:
+    """One row per variant, MHA first: parameters, loss, its change from the MHA of the same
+    seed, and the layers' mean positional share of the query."""
     base = {b["seed"]: b["eval_loss"] for b in bases}
-    for r in rows:
-        runs = bases if r["variant"] == "mha" else [c for c in controls
-                                                     if c["variant"] == r["variant"]]
-        r["delta_vs_mha"] = mean_std([c["eval_loss"] - base[c["seed"]] for c in runs
-                                      if c["seed"] in base]) if base else None
+    rows = []
+    for variant in dict.fromkeys(["mha"] * bool(bases) + [c["variant"] for c in controls]):
+        runs = bases if variant == "mha" else [c for c in controls if c["variant"] == variant]
+        rows.append({
+            "variant": variant, "params": runs[0]["params"],
+            "loss": mean_std([r["eval_loss"] for r in runs]),
+            "delta_vs_mha": mean_std([r["eval_loss"] - base[r["seed"]] for r in runs
+                                      if r["seed"] in base]),
+            "q_share": mean_std([sum(r["q_share_layers"]) / len(r["q_share_layers"])
+                                 for r in runs])})
     return rows

@@ -10,6 +10,7 @@ between runs are paired on the same text."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -91,7 +92,7 @@ def _score(model, common, text) -> float:
 
 def train_task(spec: dict, common: dict) -> dict:
     """Train one model from scratch (spec: role, label, layers, seed, steps); write its run JSON.
-    A base keeps its checkpoint for the conversions; a control is probed (shares only)."""
+    A base keeps its checkpoint for the conversions; bases and controls are probed (shares)."""
     data = dataset(common["data"])
     mcfg, tcfg = configs(common, spec["layers"], spec["seed"], spec["steps"])
     if spec["role"] == "base":
@@ -100,7 +101,7 @@ def train_task(spec: dict, common: dict) -> dict:
     model = result.pop("model")
     text = windows_for(common)
     result.update(spec, eval_loss=_score(model, common, text))
-    if spec["role"] == "control":
+    if spec["role"] in ("base", "control"):
         probe = query_probe(model, text["probe"], batch_size=common["eval_batch"], ablate=False)
         result["q_share_layers"] = [r["q_share_layer"] for r in probe["layers"]]
     atomic_write_json(Path(common["run_dir"]) / "runs" / f"{spec['label']}.json", result)
@@ -122,6 +123,7 @@ class _Finetuner:
     def __call__(self, model, steps: int, label: str) -> float:
         cfg = finetune_config(self.base_train, tokens=steps * self.per_step,
                               seq_len=self.base_train["seq_len"], compile=False,
+                              eval_every=steps,   # its own score is taken once, at the end
                               progress=False, log=False, device=self.common["device"])
         result = run_train(model.config, cfg, dataset(self.common["data"]), label=label,
                            init_from=model.state_dict())
@@ -149,12 +151,16 @@ def _static(base, probe, text, finetune, ft_steps: int, common: dict) -> dict:
             "base_finetuned": finetune(base, ft_steps, "static-base")}
 
 
-def _uptrain(base, probe, text, finetune, base_steps: int, common: dict) -> list:
+def _uptrain(base, probe, text, finetune, base_steps: int, common: dict, done: list) -> list:
     """Every layer converted to each target by each method, scored as converted and after
-    fine-tunes of each fraction of the base budget."""
-    rows = []
+    fine-tunes of each fraction of the base budget. Rows in `done` (an earlier command on this
+    run folder) that hold every fraction asked are kept, not redone."""
+    kept = {(r["target"], r["method"]): r for r in done}
     for target in common["targets"]:
         for method in common["methods"]:
+            old = kept.get((target, method))
+            if old and all(str(f) in old["fractions"] for f in common["fractions"]):
+                continue
             conv, record = convert(base, target, method=method, corpus=text["corpus"],
                                    probe=probe, batch_size=common["eval_batch"])
             row = {"target": target, "method": method, "heads": record["heads"],
@@ -163,33 +169,38 @@ def _uptrain(base, probe, text, finetune, base_steps: int, common: dict) -> list
                 steps = max(1, round(f * base_steps))
                 row["fractions"][str(f)] = {
                     "steps": steps, "loss": finetune(conv, steps, f"up-{target}-{method}-{f}")}
-            rows.append(row)
-    return rows
+            kept[(target, method)] = row
+    return list(kept.values())
 
 
 def after_base(seed: int, common: dict) -> dict:
     """Everything done to seed `seed`'s trained MHA: its probe, the static-table experiment and
-    the conversion experiment, as the experiments asked. Writes seeds/s{seed}.json."""
+    the conversion experiment, as the experiments asked, on top of what an earlier command on
+    this run folder did. Writes seeds/s{seed}.json."""
     t0 = time.perf_counter()
     run_dir = Path(common["run_dir"])
+    path = run_dir / "seeds" / f"s{seed}.json"
+    out = json.loads(path.read_text()) if path.is_file() else {}
     base, meta = load_model(run_dir / f"models/base-s{seed}", common["device"])
     text = windows_for(common)
     probe = query_probe(base, text["probe"], batch_size=common["eval_batch"],
                         per_head=common["per_head"])
     finetune = _Finetuner(common, meta["train"], text)
     base_steps = meta["train"]["steps"]
-    out = {"seed": seed, "base_loss": _score(base, common, text), "probe": probe,
-           "base_steps": base_steps,
-           "flops_per_step": {t: train_step_flops(base.config.with_layers(t), meta["train"][
-               "batch_size"], meta["train"]["seq_len"]) for t in ["mha", *common["targets"]]}}
-    if "static" in common["experiments"]:
+    targets = ["mha", *common["targets"], *out.get("flops_per_step", {})]
+    out.update(seed=seed, base_loss=_score(base, common, text), probe=probe,
+               base_steps=base_steps,
+               flops_per_step={t: train_step_flops(base.config.with_layers(t), meta["train"][
+                   "batch_size"], meta["train"]["seq_len"]) for t in dict.fromkeys(targets)})
+    if "static" in common["experiments"] and "static" not in out:
         ft = max(1, round(common["finetune_fraction"] * base_steps))
         out["static"] = _static(base, probe, text, finetune, ft, common)
     if "uptrain" in common["experiments"]:
-        out["uptrain"] = _uptrain(base, probe, text, finetune, base_steps, common)
-    out.update(finetunes=finetune.runs, wall_s=time.perf_counter() - t0)
-    atomic_write_json(run_dir / "seeds" / f"s{seed}.json", out)
+        out["uptrain"] = _uptrain(base, probe, text, finetune, base_steps, common,
+                                  out.get("uptrain", []))
+    out.update(finetunes=out.get("finetunes", []) + finetune.runs,
+               wall_s=out.get("wall_s", 0.0) + time.perf_counter() - t0)
+    atomic_write_json(path, out)
     print(f"  done seed {seed}'s conversions: {len(finetune.runs)} fine-tunes, "
-          f"{out['wall_s']:.1f} s", flush=True)
+          f"{time.perf_counter() - t0:.1f} s", flush=True)
     return out
-

@@ -13,15 +13,24 @@ from bench.report.sections import query as query_section
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
+    """Two commands on one run folder: the conversions, then the controls beside the same
+    bases (--into), as work that does not fit one command is split."""
     out = tmp_path_factory.mktemp("results")
-    assert query.main(["--tiny", "--out", str(out)]) == 0
+    assert query.main(["--tiny", "--no-report", "--experiments", "static", "uptrain",
+                       "--out", str(out)]) == 0
     (summary,) = out.glob("query/*-tiny/summary.json")
+    base = summary.parent / "runs" / "base-mha-s0.json"
+    trained = base.read_text()
+    assert query.main(["--tiny", "--no-report", "--experiments", "controls",
+                       "--into", str(summary.parent)]) == 0
+    assert base.read_text() == trained          # the base was reused, not trained again
     return out, summary, json.loads(summary.read_text())
 
 
 def test_every_experiment_is_in_the_summary(tiny_run):
     _, path, s = tiny_run
     assert s["kind"] == "query" and s["experiments"] == ["static", "uptrain", "controls"]
+    assert len(s["commands"]) == 2 and "--into" in s["commands"][1]
     roles = sorted(r["role"] for r in s["runs"])
     assert roles == ["base", "control", "control", "scratch"]
     assert len(list((path.parent / "runs").glob("*.json"))) == 4
@@ -68,7 +77,9 @@ def test_newest_per_preset(tmp_path):
         "20260102-000000-medium-again", "20260101-000000-sqa-dense"]
 
 
-def test_bad_settings_are_one_line_and_status_2(capsys):
+def test_bad_settings_are_one_line_and_status_2(tiny_run, capsys):
     assert query.main(["--tiny", "--fractions", "1.5"]) == 2
     assert "fraction 1.5" in capsys.readouterr().err
     assert query.main(["--tiny", "--targets", "nope"]) == 2
+    assert query.main(["--tiny", "--size", "small", "--into", str(tiny_run[1].parent)]) == 2
+    assert "holds preset 'tiny', not 'small'" in capsys.readouterr().err

@@ -94,6 +94,14 @@ def test_convert_with_a_fine_tune_is_a_fresh_run_from_the_converted_weights(run,
     assert sqt(capsys, "probe", tmp_path / "t", "--tokens", 64, "--device", "cpu")[0] == 0
 
 
+def test_a_head_conversion_needs_no_text(run, capsys, tmp_path):
+    code, out, err = sqt(capsys, "convert", run, "--to", "gqa", "--out", tmp_path / "g")
+    assert code == 0, err
+    assert json.loads(out)["loss_converted"] is None        # the run records no data to score on
+    code, _, err = sqt(capsys, "convert", run, "--to", "sqt", "--out", tmp_path / "t")
+    assert code == 2 and "give --data" in err                # a table averages over text
+
+
 def test_convert_refuses_a_full_directory_and_a_bad_target(run, capsys, tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")

@@ -337,7 +337,7 @@ def _add_convert(sub) -> None:
                    help="which query heads a layout with fewer keeps: the first, the most "
                         "content-dependent by the probe, or pooled runs (default: %(default)s)")
     p.add_argument("--layers", type=int, nargs="+", default=None, metavar="I",
-                   help="layer indices to convert (default: %(default)s, all)")
+                   help="layer indices to convert (default: %(default)s: all)")
     _add_data_options(p, "text for tables, head ranking, scoring and fine-tuning")
     p.add_argument("--corpus-tokens", type=int, default=65536,
                    help="training-split tokens that tables average over and the probe ranks "
@@ -349,12 +349,12 @@ def _add_convert(sub) -> None:
                    help="fine-tune the converted model for this many tokens (default: "
                         "%(default)s, no fine-tune)")
     for flag, kind, text in (("--lr", float, "peak learning rate of the fine-tune"),
-                             ("--warmup", int, "warm-up steps of the fine-tune"),
+                             ("--warmup", int, "warm-up steps of the fine-tune (default: "
+                                               "%(default)s, a tenth of its steps)"),
                              ("--batch-size", int, "sequences per fine-tune step"),
                              ("--seed", int, "seed of the fine-tune's windows and dropout")):
-        p.add_argument(flag, type=kind, default=None,
-                       help=text + " (default: %(default)s: the source run's; warm-up a tenth "
-                                   "of the steps)")
+        p.add_argument(flag, type=kind, default=None, help=text if "default" in text else
+                       text + " (default: %(default)s, the source run's)")
     p.set_defaults(run=convert_command)
 
 

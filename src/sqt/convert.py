@@ -221,8 +221,8 @@ def convert_run(run, out, to, *, layers=None, method: str = "first", data=None,
                 corpus_tokens: int = 65536, seq_len=None, eval_tokens: int = 16384,
                 tokens=None, device="cpu", eval_batch_size: int = 16, **train_overrides) -> dict:
     """`sqt convert RUN --to SPEC --out OUT`: convert the model of a checkpoint directory, score
-    it before and after on validation windows of its data, and save it in `out` as an ordinary
-    checkpoint; with `tokens`, first fine-tune it for that many tokens (sqt.train, starting from
+    it before and after on validation windows of its data (when it has data: a head conversion
+    needs none), and save it in `out` as an ordinary checkpoint; with `tokens`, first fine-tune it for that many tokens (sqt.train, starting from
     the converted weights, the source run's recipe; `train_overrides` are TrainConfig fields).
     `out/conversion.json` records what was done. Returns that record."""
     from pathlib import Path
@@ -237,9 +237,16 @@ def convert_run(run, out, to, *, layers=None, method: str = "first", data=None,
         raise ValueError(f"--out {str(out)!r} is not empty: convert into a new directory")
     model, meta = load_model(run, device)
     spec = dataset = corpus = None
-    if tokens or eval_tokens or needs_corpus(model, plan(model, to, layers), method):
-        spec, dataset = open_data(run, meta, model, data)
+    needed = tokens or needs_corpus(model, plan(model, to, layers), method)
+    if needed or eval_tokens:
+        try:
+            spec, dataset = open_data(run, meta, model, data)
+        except ValueError:
+            if needed or data:
+                raise
+            eval_tokens = 0   # only the scoring wanted text, and the run records none: unscored
         seq_len = min(seq_len or default_seq_len(model, meta), model.config.max_seq_len)
+    if dataset is not None:
         corpus = token_windows(dataset.train, corpus_tokens, seq_len, seed=CORPUS_SEED)
     new, record = convert(model, to, layers=layers, method=method, corpus=corpus,
                           batch_size=eval_batch_size)

@@ -63,6 +63,9 @@ def query_section(summary: dict, path: Path, figure_dir=None) -> str:
     preset = summary["preset"]
     parts = [f"### {preset} on {summary['data']}: {summary['seeds']} seed(s), base budget "
              f"{summary['base_steps']} steps", provenance(summary, path)]
+    if len(summary.get("commands", [])) > 1:
+        parts.append("Made by these commands on one run folder: "
+                     + "; ".join(f"`{c}`" for c in summary["commands"]) + ".")
     if "static" in summary:
         parts.append(static_part(summary["static"], _figure(
             query_static_plot, summary, figure_dir, f"query-static-{preset}.png")))
