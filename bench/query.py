@@ -181,12 +181,11 @@ def check(args) -> None:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.tiny:
-        defaults = build_parser().parse_args([])
-        for key, value in TINY.items():   # the smoke settings, under what the command line gave
-            if getattr(args, key) == getattr(defaults, key):
-                setattr(args, key, value)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.tiny:   # the smoke settings become the defaults, under what the command line gave
+        parser.set_defaults(**TINY)
+        args = parser.parse_args(argv)
     try:
         check(args)
         device = resolve_device(args.device, name="--device")
