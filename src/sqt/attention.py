@@ -1,6 +1,6 @@
-"""One attention layer: a query source (projection, static table or static rotary vector), K/V
-projections, the head mapping and RoPE; the one KV cache it reads and writes; and
-`attention_layer`, the same layer as a drop-in module for other models."""
+"""One attention layer: a query source (projection, static table, static rotary vector, or the
+identity and frozen random controls), K/V projections, the head mapping and RoPE; the one KV cache
+it reads and writes; and `attention_layer`, the same layer as a drop-in module for other models."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from typing import Optional, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from .config import LayerSpec, LMConfig
+from .config import LayerSpec, LMConfig, check_query_width
 from .kernels import attend, attend_cached, cached_bias, check_backend, resolve_backend
 
 
@@ -175,11 +176,12 @@ class Attention(nn.Module):
 
     def __init__(self, spec: LayerSpec, *, d_model: int, head_dim: int, max_seq_len: int,
                  rope: bool, rope_base: float = 10000.0, bias: bool = False,
-                 backend: str = "auto", layer_idx: int = 0):
+                 backend: str = "auto", layer_idx: int = 0, query_seed: int = 0):
         super().__init__()
         d, hd = d_model, head_dim
         self.spec, self.layer_idx, self.head_dim = spec, layer_idx, hd
         self.max_seq_len = max_seq_len
+        check_query_width(spec, d, hd, where=f"layer {layer_idx}: ")
         # A static query replaces W_q x. It is initialised at the scale a projected query has at
         # init (0.02-std weights times a unit-variance input of width d), so both start alike.
         q_std = 0.02 * math.sqrt(d)
@@ -187,6 +189,13 @@ class Attention(nn.Module):
             self.q_table = nn.Parameter(torch.randn(max_seq_len, spec.n_q_heads, hd) * q_std)
         elif spec.query == "rotary":
             self.q_vec = nn.Parameter(torch.randn(spec.n_q_heads, hd) * q_std)
+        elif spec.query == "random":
+            # Frozen, so a buffer: no gradient, no optimizer state, but saved with the weights so
+            # a loaded model computes the same function. Its own generator makes it a function of
+            # (query_seed, layer) alone, whatever else was drawn before; 0.02 is W_q's init std.
+            gen = torch.Generator().manual_seed(1_000_003 * query_seed + layer_idx)
+            self.register_buffer("q_random", torch.randn(spec.n_q_heads * hd, d, generator=gen)
+                                 * 0.02)
         # Everything computed from x (projected queries, keys, values) comes from one matmul: one
         # kernel instead of three, forward and backward, which is what bounds small models.
         q_width = spec.n_q_heads * hd if spec.query == "proj" else 0
@@ -207,7 +216,8 @@ class Attention(nn.Module):
         classic one."""
         return cls(spec, d_model=cfg.d_model, head_dim=cfg.head_dim, max_seq_len=cfg.max_seq_len,
                    rope=cfg.block == "modern", rope_base=cfg.rope_base,
-                   bias=cfg.block == "classic", backend=cfg.backend, layer_idx=layer_idx)
+                   bias=cfg.block == "classic", backend=cfg.backend, layer_idx=layer_idx,
+                   query_seed=cfg.query_seed)
 
     @property
     def max_positions(self) -> Optional[int]:
@@ -233,6 +243,10 @@ class Attention(nn.Module):
             if projected is None:
                 projected = self.qkv_proj(x)[..., :self.qkv_split[0]]
             return projected.view(B, T, nq, hd).transpose(1, 2)
+        if self.spec.query == "identity":
+            return x[..., :nq * hd].reshape(B, T, nq, hd).transpose(1, 2)
+        if self.spec.query == "random":
+            return F.linear(x, self.q_random.to(x.dtype)).view(B, T, nq, hd).transpose(1, 2)
         if self.spec.query == "table":
             if positions is None:
                 if T > self.max_seq_len:
