@@ -118,7 +118,8 @@ def _sync(cuda: bool) -> None:
 class RunHooks:
     """The trainer's `on_ready` and per-step `callback` for one run: take a slot when ready
     (SkipRun when the deadline cannot be met), yield the slot while another run times itself,
-    and, when runs are packed, time `SUB_WINDOWS` stretches of steps alone (the median is the
+    and, when runs are packed, time up to `SUB_WINDOWS` stretches of steps alone (fewer where
+    evaluations come close together; the median is the
     run's isolated ms/step). Then `finish()` gives back whatever is held."""
 
     CALIBRATION_STEPS = 3
@@ -183,7 +184,7 @@ class RunHooks:
         # The evaluation at the next eval step runs before that step's callback: a stretch must
         # end one step before it.
         room = self._next_eval(step) - 1 - step
-        if room < self.CALIBRATION_STEPS + self.SUB_WINDOWS * self.MIN_STEPS:
+        if room < self.CALIBRATION_STEPS + self.MIN_STEPS:
             if self._next_eval(step) >= self.steps:
                 self.window_done = True         # no room left before the end: give up
             else:
@@ -206,9 +207,10 @@ class RunHooks:
             _sync(self.cuda)
             now = time.perf_counter()
             per_step = (now - w["mark_t"]) / (step - w["mark_step"])
-            room = (w["end"] - 1 - step) // self.SUB_WINDOWS
-            w["length"] = max(1, min(room, max(self.MIN_STEPS,
-                                                round(self.SUB_WINDOW_S / max(per_step, 1e-9)))))
+            room = w["end"] - 1 - step
+            w["count"] = max(1, min(self.SUB_WINDOWS, room // self.MIN_STEPS))
+            w["length"] = max(1, min(room // w["count"], max(
+                self.MIN_STEPS, round(self.SUB_WINDOW_S / max(per_step, 1e-9)))))
             w.update(mark_step=step, mark_t=now)
             return
         if step - w["mark_step"] < w["length"]:
@@ -217,7 +219,7 @@ class RunHooks:
         now = time.perf_counter()
         self.sub_ms.append(1e3 * (now - w["mark_t"]) / (step - w["mark_step"]))
         w.update(mark_step=step, mark_t=now)
-        if len(self.sub_ms) >= self.SUB_WINDOWS:
+        if len(self.sub_ms) >= w["count"]:
             self._close_window()
 
     def _close_window(self) -> None:

@@ -66,8 +66,8 @@ def test_a_window_fits_between_evaluations_or_is_not_taken():
         hooks.callback(step)
     hooks.finish()
     st = hooks.stats()
-    # 3 steps between evaluations cannot hold a calibration and three stretches: no window, and
-    # every slot back.
+    # 3 steps between evaluations cannot hold a calibration and a stretch: no window, and every
+    # slot back.
     assert st["window_ms"] == [] and st["alone_ms_per_step"] is None
     assert coord.held[0] == 0 and coord.sem.get_value() == 2 and coord.wanted.value == 0
 

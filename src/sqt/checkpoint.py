@@ -16,6 +16,7 @@ from .model import TransformerLM
 from .utils import atomic_write_bytes, atomic_write_json
 
 WEIGHTS, CONFIG, TRAIN_STATE = "model.safetensors", "config.json", "train_state.pt"
+TOKENIZER = "tokenizer.json"
 FORMAT_VERSION = 1
 
 
@@ -23,11 +24,14 @@ class CheckpointError(ValueError):
     """A checkpoint directory that is missing, incomplete, corrupt or incompatible."""
 
 
-def save_model(directory, model: TransformerLM, meta: Optional[dict] = None,
+def save_model(directory, model: TransformerLM, *, tokenizer=None, meta: Optional[dict] = None,
                train_state: Optional[dict] = None) -> Path:
+    """Write `model` (and its `tokenizer`, as tokenizer.json, when given) into `directory`."""
     from safetensors.torch import save as st_save
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None:
+        atomic_write_bytes(directory / TOKENIZER, tokenizer.to_json().encode("utf-8"))
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)  # safetensors refuses shared storage; re-tied on load
@@ -98,3 +102,19 @@ def load_train_state(directory) -> Optional[dict]:
     except Exception as e:  # torch raises several types for truncated or garbled pickles
         raise CheckpointError(f"{str(path)!r} cannot be read ({type(e).__name__}); the "
                               "checkpoint is corrupt") from None
+
+
+def load_run_tokenizer(path):
+    """The tokenizer of a checkpoint directory: its tokenizer.json, else the character tokenizer
+    an older run recorded in config.json; None when it has neither (e.g. a model imported from
+    Hugging Face without one)."""
+    from .tokenizer import load_tokenizer
+    directory = Path(path)
+    spec = (directory / TOKENIZER if (directory / TOKENIZER).is_file()
+            else read_config(directory).get("tokenizer"))
+    if spec is None:
+        return None
+    try:
+        return load_tokenizer(spec)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{str(directory)!r}: incompatible tokenizer: {e}") from None
