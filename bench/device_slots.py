@@ -139,6 +139,7 @@ class RunHooks:
         self.window_from = None                 # first step a window may start at
         self.window_done = not (coord is not None and coord.packed)
         self.windows_at: list = []              # (start, end) of each exclusive window, time()
+        self.eval_at: dict = {}                 # step -> time() when its evaluation was done
 
     # -- the trainer's hooks --------------------------------------------------------------------
     def on_ready(self) -> None:
@@ -153,6 +154,8 @@ class RunHooks:
                           "would end past the deadline (--max-minutes)")
 
     def callback(self, step: int) -> None:
+        if step % self.eval_every == 0 or step == self.steps:
+            self.eval_at[step] = time.time()    # the learning curve against the wall clock
         if not self.holding:
             return
         if self.window_from is None:

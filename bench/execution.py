@@ -6,6 +6,7 @@ A failed run is recorded and the grid goes on. This module imports torch only in
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import re
 import signal
@@ -104,6 +105,9 @@ def _alone_figures(result: dict, hooks: RunHooks, coord, resolved) -> dict:
             if stats["window_ms"] else "not measured: no timing window fitted")
     else:
         alone, source = whole, "the whole run, one run training at a time"
+    for point in result["curves"]:     # wall seconds since the run was ready to train
+        at = hooks.eval_at.get(point["step"])
+        point["wall_s"] = round(at - hooks.t_ready, 3) if at and hooks.t_ready else None
     tokens = resolved.batch_size * resolved.seq_len
     achieved = result["train_flops_per_step"] / (alone * 1e-3) / 1e12 if alone else None
     started = _TASK_START or hooks.t_ready
@@ -112,9 +116,9 @@ def _alone_figures(result: dict, hooks: RunHooks, coord, resolved) -> dict:
         "tokens_per_s": tokens / (alone * 1e-3) if alone else None,
         "achieved_tflops": achieved,
         "mfu": achieved / result["peak_tflops"] if achieved and result.get("peak_tflops") else None,
+        "gpu_s": stats["held_s"],       # holding a device slot: training, evaluation, `after`
         # from being handed the run to being ready to train, less the wait for a slot: the
         # preparation (data, model, compilation, capture) that the guard adds before a run
-        "gpu_s": stats["held_s"],
         "setup_s": (hooks.t_ready - started - stats["slot_wait_s"]) if hooks.t_ready else None,
         "step_time": {**stats, "alone_source": source, "packed_ms_per_step": whole if packed
                       else None, "device_slots": coord.slots if coord is not None else None},
@@ -212,18 +216,37 @@ def run_grid(task, specs: list[dict], common: dict, *, jobs: int, slots: Optiona
             "deadline (--max-minutes)"))
         return False
 
-    if jobs <= 1:
-        global _COORD
-        saved, _COORD = _COORD, coord
-        try:
-            for i, spec in enumerate(specs):
-                if fits(i):
-                    finish(i, _attempt(task, spec, common))
-        finally:
-            _COORD = saved
-        return records
-    _Pool(ctx, coord, task, common, jobs).run(specs, fits, finish)
+    with _exit_on_sigterm():
+        if jobs <= 1:
+            global _COORD
+            saved, _COORD = _COORD, coord
+            try:
+                for i, spec in enumerate(specs):
+                    if fits(i):
+                        finish(i, _attempt(task, spec, common))
+            finally:
+                _COORD = saved
+            return records
+        _Pool(ctx, coord, task, common, jobs).run(specs, fits, finish)
     return records
+
+
+@contextlib.contextmanager
+def _exit_on_sigterm():
+    """A termination request (a time limit's SIGTERM) unwinds the grid like Ctrl-C: workers are
+    ended rather than left orphaned on the GPU, and an MPS daemon around the grid is told to
+    quit. (Only the main thread may set a handler; elsewhere nothing changes.)"""
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _Pool:

@@ -87,10 +87,12 @@ def prepare_grid(regime: qg.Regime, role: str, corpus: Path, args, device_type: 
                                       f"{val_fraction:g}")
     data = prepare(corpus, tokenizer, data_dir, val_fraction=val_fraction)
     described = data.describe()
-    asked = ({"tokens": args.tokens} if args.tokens else {"epochs": args.epochs} if args.epochs
-             else second["budget"] if second else regime.budget)
-    if role == "secondary" and args.secondary_epochs:
-        asked = {"epochs": args.secondary_epochs}
+    if second:      # --tokens/--epochs are the primary grid's; the secondary has its own
+        asked = ({"epochs": args.secondary_epochs} if args.secondary_epochs
+                 else second["budget"])
+    else:
+        asked = ({"tokens": args.tokens} if args.tokens else {"epochs": args.epochs}
+                 if args.epochs else regime.budget)
     overrides = {"batch_size": args.batch_size, "seq_len": args.seq_len,
                  "eval_batches": args.eval_batches or (regime.eval_batches if device_type == "cuda"
                                                        else None),
@@ -163,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
         budget.add_argument("--tokens", type=int, default=None,
                             help="token budget a run (default: the regime's "
                                  f"{regime.budget}), resolved once on the training split")
-        budget.add_argument("--epochs", type=float, default=None, help="budget in epochs")
+        budget.add_argument("--epochs", type=float, default=None,
+                            help="budget in epochs of the training split")
         budget.add_argument("--steps", type=int, default=None,
                             help="budget in steps (smoke tests; the grid's identity says so)")
         r.add_argument("--data-dir", default="data/prepared",
@@ -183,15 +186,19 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("--plan", action="store_true",
                        help="prepare, then only say what the grid holds and what is left")
         r.add_argument("--sample-tokens", type=int, default=64,
-                       help="tokens generated for each of the 3 fixed prompts (0: no samples)")
+                       help="tokens generated for each of the 3 fixed prompts (default 64; 0: "
+                            "no samples)")
         r.add_argument("--batch-size", type=int, default=None, help="default: the recipe's")
         r.add_argument("--seq-len", type=int, default=None, help="default: the recipe's")
         r.add_argument("--eval-batches", type=int, default=None,
                        help=f"default {regime.eval_batches} on CUDA, the recipe's on the CPU")
-        r.add_argument("--no-compile", action="store_true")
-        r.add_argument("--no-cuda-graph", action="store_true")
-        r.add_argument("--device", default="auto")
-        r.add_argument("--out", default="bench/results")
+        r.add_argument("--no-compile", action="store_true",
+                       help="train eagerly (default: compiled on CUDA, eager on the CPU)")
+        r.add_argument("--no-cuda-graph", action="store_true",
+                       help="launch every step's kernels (default: one captured graph on CUDA)")
+        r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+        r.add_argument("--out", default="bench/results",
+                       help="results folder; grids go under OUT/quality (default bench/results)")
     return p
 
 

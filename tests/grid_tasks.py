@@ -36,3 +36,11 @@ def stepper(spec: dict, common: dict) -> dict:
         hooks.finish()
     return {"status": "ok", "gpu_s": hooks.stats()["held_s"], "steps": steps,
             "step_time": hooks.stats()}
+
+
+def sleeper(spec: dict, common: dict) -> dict:
+    """Say which process runs it, then take far longer than any test waits."""
+    with open(spec["pidfile"], "a") as f:
+        f.write(f"{os.getpid()}\n")
+    time.sleep(120)
+    return {"status": "ok"}

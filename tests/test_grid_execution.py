@@ -90,3 +90,34 @@ def test_the_parent_takes_back_what_a_dead_worker_held():
 ])
 def test_failures_are_named(message, kind):
     assert execution.failure_kind(RuntimeError(message)) == kind
+
+
+def test_a_terminated_grid_ends_its_workers(tmp_path):
+    """A time limit's SIGTERM to the grid's process leaves no worker running on the device."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+    pidfile = tmp_path / "pids"
+    code = ("import sys, grid_tasks; from bench import execution; "
+            "execution.run_grid(grid_tasks.sleeper, [{'pidfile': sys.argv[1]}] * 2, {}, jobs=2)")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
+    proc = subprocess.Popen([sys.executable, "-c", code, str(pidfile)], env=env)
+    deadline = time.time() + 60
+    while time.time() < deadline and (not pidfile.exists()
+                                      or len(pidfile.read_text().split()) < 2):
+        time.sleep(0.1)
+    workers = [int(p) for p in pidfile.read_text().split()]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    time.sleep(0.5)
+
+    def running(pid: int) -> bool:      # a zombie has ended; init reaps it
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+        except FileNotFoundError:
+            return False
+    assert not any(running(pid) for pid in workers)

@@ -50,6 +50,8 @@ def test_a_tiny_grid_trains_records_resumes_and_reports(corpus, tmp_path, capsys
     grid = json.loads((folder / "grid.json").read_text())
     assert r["status"] == "ok" and r["grid_id"] == grid["id"]
     assert r["layouts"] == ["1/1"] and r["ms_per_step"] > 0 and r["gpu_s"] > 0
+    walls = [c["wall_s"] for c in r["curves"]]
+    assert walls == sorted(walls) and walls[0] >= 0
     assert len(r["samples"]) == 3 and all(s["prompt"] for s in r["samples"])
     # The same fixed prompts for every run of the grid.
     prompts = [s["prompt"] for s in runs["mha-s1.json"]["samples"]]

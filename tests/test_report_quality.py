@@ -153,3 +153,17 @@ assert not bad, bad
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert (results / "docs" / "quality-dense-primary.png").exists() or "matplotlib" in done.stderr
+
+
+@pytest.mark.parametrize("wall, skipped, status", [(200.0, [], "PASS"), (300.0, [], "MISS"),
+                                                   (200.0, [{"size": "tiny"}], "N/A")])
+def test_the_char_grid_is_judged_on_a_whole_packed_sweep(wall, skipped, status):
+    from bench.report.sections.sweeps import char_grid_criterion
+    summary = {"sizes": ["tiny", "small", "medium"], "variants": [f"v{i}" for i in range(10)],
+               "seeds": 3, "steps": 2000, "batch_size": 64, "seq_len": 256,
+               "run_record": {"device_type": "cuda", "total_wall_s": wall, "jobs": 12,
+                              "device_slots": 6, "mps": {"running": True}, "skipped": skipped}}
+    k = char_grid_criterion([(summary, Path("sweep/20261201-000000-grid/summary.json"))])
+    assert k["status"] == status
+    if status != "N/A":
+        assert k["note"] == "jobs 12, device slots 6, MPS on"

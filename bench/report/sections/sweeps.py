@@ -33,13 +33,15 @@ def step_times_isolated(record: dict) -> bool:
 
 
 def char_grid_criterion(sweeps: list) -> dict:
-    """The newest sweep of the full character-level grid on a GPU, from process start."""
+    """The newest sweep of the whole character-level grid on a GPU (every run trained: none
+    failed, none skipped by the wall-time guard), from process start."""
     name = "character-level grid (3 sizes × 10 variants × 3 seeds), wall time"
     for summary, path in sorted(sweeps, key=lambda sp: sp[1].parent.name, reverse=True):
         rec = summary["run_record"]
         if (rec.get("device_type") == "cuda" and set(SEED_SIZES) <= set(summary["sizes"])
                 and len(summary["variants"]) >= 10 and summary["seeds"] >= 3
-                and at_seed_budget(summary) and rec.get("total_wall_s") is not None):
+                and at_seed_budget(summary) and rec.get("total_wall_s") is not None
+                and not rec.get("skipped") and not summary.get("failed")):
             wall = rec["total_wall_s"]
             how = (f"jobs {rec.get('jobs')}, device slots {rec.get('device_slots')}, MPS "
                    + ("on" if (rec.get("mps") or {}).get("running") else "off"))
