@@ -18,6 +18,24 @@ import torch
 from sqt.utils import atomic_write_json, run_record  # noqa: F401  (re-exported for benchmarks)
 
 
+def failure_of(error: BaseException) -> dict | None:
+    """How a sweep records a run that failed and goes on: a loss that stopped being finite, or
+    memory that ran out, as {"kind", "reason", "step"}. None for any other error, which is a bug
+    and propagates."""
+    from sqt.divergence import NonFiniteLoss
+    if isinstance(error, NonFiniteLoss):
+        return {"kind": "non-finite loss", "reason": str(error), "step": error.step}
+    text = str(error)
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    if isinstance(error, oom) or (isinstance(error, RuntimeError) and (
+            "out of memory" in text or "can't allocate memory" in text)):
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()   # what the failed run held, for the runs after it
+        return {"kind": "out of memory", "reason": text.strip().splitlines()[0][:300],
+                "step": None}
+    return None
+
+
 def sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)

@@ -202,11 +202,23 @@ class LMConfig:
             raise ValueError(f"block={self.block!r}: expected one of {', '.join(BLOCKS)}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r}: expected one of {', '.join(BACKENDS)}")
-        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+        if isinstance(self.dropout, bool) or not (
+                isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"dropout={self.dropout!r}: expected a number in [0, 1)")
+        for name, lo in (("rope_base", 0.0), ("norm_eps", 0.0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (
+                    lo < v < float("inf") or (name == "norm_eps" and v == 0)):
+                raise ValueError(f"{name}={v!r}: expected a finite number "
+                                 f"{'> 0' if name == 'rope_base' else '>= 0'}")
         for name in ("tie_embeddings", "checkpoint_blocks"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected True or False")
+        if isinstance(self.layers, LayerSpec):
+            object.__setattr__(self, "layers", self.layers.name)
+        if not isinstance(self.layers, (str, tuple, list)):
+            raise ValueError(f"layers={self.layers!r}: expected a variant string or a list of "
+                             "them, one per layer")
         if not isinstance(self.layers, str):
             # Normalise to a tuple of strings so configs stay hashable and serialise to JSON.
             object.__setattr__(self, "layers", tuple(

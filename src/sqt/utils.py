@@ -84,6 +84,34 @@ def resolve_device(value: str, *, name: str = "device") -> torch.device:
     return device
 
 
+TOKEN_ID_DTYPES = (torch.int64, torch.int32)
+
+
+def check_token_id_tensor(idx, *, name: str = "idx") -> None:
+    """A ValueError unless `idx` is a tensor of integer token ids (what an embedding takes):
+    checks its type and dtype only, on the host, so it costs nothing on any device."""
+    if not isinstance(idx, torch.Tensor):
+        raise ValueError(f"{name} is a {type(idx).__name__}: expected a torch tensor of token ids")
+    if idx.dtype not in TOKEN_ID_DTYPES:
+        raise ValueError(f"{name} has dtype {idx.dtype}: expected integer token ids "
+                         "(torch.long or torch.int32)")
+
+
+def check_token_ids(idx, vocab_size: int, *, name: str = "idx") -> None:
+    """`check_token_id_tensor`, and every id in [0, vocab_size). Reading the range back is a host
+    synchronisation on CUDA: call this where ids enter (a prompt, a dataset), never inside a
+    captured or compiled step."""
+    check_token_id_tensor(idx, name=name)
+    if idx.numel() == 0:
+        return
+    lo, hi = (int(v) for v in torch.aminmax(idx))
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        where = tuple(int(i) for i in (idx == bad).nonzero()[0])
+        raise ValueError(f"{name} holds token id {bad} at {list(where)}: expected ids in "
+                         f"[0, {vocab_size}) (vocab_size={vocab_size})")
+
+
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from NVIDIA's data sheets, matched against
 # torch.cuda.get_device_name. A device not listed gets no peak, hence no MFU: never a guess.
 KNOWN_BF16_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
