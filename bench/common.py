@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from sqt.utils import atomic_write_json, run_record  # noqa: F401  (re-exported for benchmarks)
+from sqt.utils import atomic_write_json, is_out_of_memory, run_record  # noqa: F401  (re-exported)
 
 
 def failure_of(error: BaseException) -> dict | None:
@@ -25,13 +25,10 @@ def failure_of(error: BaseException) -> dict | None:
     from sqt.divergence import NonFiniteLoss
     if isinstance(error, NonFiniteLoss):
         return {"kind": "non-finite loss", "reason": str(error), "step": error.step}
-    text = str(error)
-    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-    if isinstance(error, oom) or (isinstance(error, RuntimeError) and (
-            "out of memory" in text or "can't allocate memory" in text)):
+    if is_out_of_memory(error):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()   # what the failed run held, for the runs after it
-        return {"kind": "out of memory", "reason": text.strip().splitlines()[0][:300],
+        return {"kind": "out of memory", "reason": str(error).strip().splitlines()[0][:300],
                 "step": None}
     return None
 

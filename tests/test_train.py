@@ -284,3 +284,32 @@ def test_every_preset_has_a_recipe_of_known_settings():
             assert model.max_seq_len >= train_cfg.seq_len
     with pytest.raises(ValueError, match="setting 'learning_rate': expected a field of LMConfig"):
         recipe("tiny", device_type="cpu", learning_rate=1.0)
+
+
+def test_a_sweep_records_failed_runs_and_goes_on(tmp_path, capsys, monkeypatch):
+    """A run whose loss turns NaN and one that runs out of memory are recorded as failed, with
+    the reason, and left out of the means; the other runs finish and the report lists both."""
+    import sqt.train as trainer
+    from bench import sweep
+    real = trainer.train
+
+    def flaky(model_cfg, train_cfg, data, **kw):
+        if model_cfg.layers == "xsqa":
+            raise trainer.NonFiniteLoss(what="training loss", value=math.nan, step=3,
+                                        kept_step=None, where=None)
+        if model_cfg.layers == "gqa":
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model_cfg, train_cfg, data, **kw)
+    monkeypatch.setattr(trainer, "train", flaky)
+    out = tmp_path / "results"
+    assert sweep.main(["--sizes", "tiny", "--variants", "mha", "xsqa", "gqa", "--steps", "2",
+                       "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1",
+                       "--device", "cpu", "--no-latency", "--no-plot", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    (summary,) = (out / "sweep").glob("*/summary.json")
+    s = json.loads(summary.read_text())
+    assert [r["variant"] for r in s["rows"]] == ["mha"]
+    assert {(f["variant"], f["kind"], f["step"]) for f in s["failed"]} == {
+        ("xsqa", "non-finite loss", 3), ("gqa", "out of memory", None)}
+    assert "### Failed runs" in printed and "| tiny | gqa | 0 | out of memory |" in printed
+    assert "became nan at step 3" in printed

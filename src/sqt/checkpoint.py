@@ -21,11 +21,10 @@ import sys
 from pathlib import Path
 from typing import Iterator, Optional
 
-from .fileset import aside, pending, recover, settled, write_set
+from .fileset import aside, pending, point, recover, settled, write_set
 from .model import TransformerLM
 from .modeldir import (CHECKPOINT_DIR, CONFIG, MODEL_FILES, TOKENIZER, WEIGHTS, CheckpointError,
-                       find_model_dir, model_files, read_config as _read_config,
-                       read_model_dir)
+                       find_model_dir, load, model_files, read_config as _read_config)
 from .trainstate import FILES as STATE_FILES, LEGACY as LEGACY_STATE, read_state, state_files
 from .utils import atomic_write_bytes
 
@@ -55,6 +54,8 @@ def save_model(directory, model: TransformerLM, *, tokenizer=None, meta: Optiona
     state when given, and the manifest, all or nothing. An existing checkpoint there is replaced;
     a directory holding other files is refused."""
     model = getattr(model, "_orig_mod", model)   # torch.compile's wrapper prefixes every name
+    if not isinstance(model, TransformerLM):
+        raise ValueError(f"model is a {type(model).__name__}: expected an sqt TransformerLM")
     files = model_files(model.config, model.state_dict(), tokenizer=tokenizer, meta=meta)
     if train_state is not None:
         files.update(state_files(train_state))
@@ -69,12 +70,7 @@ def read_config(path) -> dict:
 
 def load_model(path, device="cpu") -> tuple[TransformerLM, dict]:
     """The model (in eval mode) and the config.json metadata of the checkpoint at `path`."""
-    directory, meta, cfg, state = read_model_dir(path)
-    try:
-        model = TransformerLM.from_state(cfg, state, where=str(directory / WEIGHTS))
-    except ValueError as e:
-        raise CheckpointError(str(e)) from None
-    return model.to(device).eval(), meta
+    return load(TransformerLM, path, device)
 
 
 def load_run_tokenizer(path):
@@ -129,6 +125,20 @@ class RunDirectory:
         names += [p.name + "/" for p in kept + pending(self.checkpoint_path) if p.exists()]
         return names
 
+    def check(self, *, resume: bool, overwrite: bool) -> None:
+        """Refuse what `claim` would refuse, without taking the directory: a run already there,
+        neither resumed nor overwritten; a path that is a file; both resume and overwrite."""
+        if resume and overwrite:
+            raise ValueError("resume=True and overwrite=True: expected at most one (resume "
+                             "continues the run in out_dir, overwrite starts it again)")
+        if self.path.exists() and not self.path.is_dir():
+            raise ValueError(f"out_dir={str(self.path)!r} is a file: expected a directory")
+        found = self.existing() if self.path.is_dir() else []
+        if found and not (resume or overwrite):
+            raise CheckpointError(
+                f"out_dir={str(self.path)!r} already holds a run ({', '.join(found)}): "
+                "resume it (--resume), replace it (--overwrite) or choose another out_dir")
+
     # -- holding it -----------------------------------------------------------------------------
 
     @contextlib.contextmanager
@@ -137,22 +147,18 @@ class RunDirectory:
         the lock dies with its process, so a killed run never blocks the next), finish a save a
         kill interrupted, then refuse to replace a run unless `resume` (continue it) or
         `overwrite` (delete its files and start again)."""
-        if resume and overwrite:
-            raise ValueError("resume=True and overwrite=True: expected at most one (resume "
-                             "continues the run in out_dir, overwrite starts it again)")
-        if self.path.exists() and not self.path.is_dir():
-            raise ValueError(f"out_dir={str(self.path)!r} is a file: expected a directory")
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.check(resume=resume, overwrite=overwrite)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"out_dir={str(self.path)!r} cannot be created ({e.strerror})") \
+                from None
         self._lock()
         try:
             recover(self.checkpoint_path)
-            found = self.existing()
-            if found and overwrite:
+            self.check(resume=resume, overwrite=overwrite)   # again, now that it is ours
+            if overwrite and self.existing():
                 self._clear()
-            elif found and not resume:
-                raise CheckpointError(
-                    f"out_dir={str(self.path)!r} already holds a run ({', '.join(found)}): "
-                    "resume it (--resume), replace it (--overwrite) or choose another out_dir")
             yield self
         finally:
             self._unlock()
@@ -191,6 +197,7 @@ class RunDirectory:
 
     def write(self, name: str, data: bytes) -> None:
         """A run-level file, atomically."""
+        point(f"writing {name}")
         atomic_write_bytes(self.path / name, data)
 
     def save(self, model: TransformerLM, *, tokenizer, meta: dict, train_state: dict) -> Path:
@@ -199,5 +206,7 @@ class RunDirectory:
         saved = save_model(self.checkpoint_path, model, tokenizer=tokenizer, meta=meta,
                            train_state=train_state)
         for name in (LEGACY_STATE, WEIGHTS, CONFIG):
-            (self.path / name).unlink(missing_ok=True)
+            if (self.path / name).exists():
+                point(f"removing the older layout's {name}")
+                (self.path / name).unlink()
         return saved

@@ -109,6 +109,8 @@ def generate_command(args) -> int:
         check_sampling(args.temperature, args.top_k, args.top_p)
     except ValueError as e:
         raise UsageError("--" + str(e).replace("_", "-", 1)) from None
+    if args.seed is not None and not -(2 ** 63) <= args.seed < 2 ** 64:
+        raise UsageError(f"--seed {args.seed}: expected an integer in [-2**63, 2**64)")
     if args.stop is not None and len(args.stop) != 1:
         raise UsageError(f"--stop {args.stop!r}: expected a single character")
     device = resolve_device(args.device, name="--device")
@@ -250,12 +252,20 @@ RESULT_KEYS = ("params", "best_val_loss", "best_step", "final_val_loss", "final_
 
 
 def train_command(args) -> int:
+    from .checkpoint import RunDirectory
     from .runconfig import run_file_text
     from .train import NonFiniteLoss, train
     preset_name, data_spec, dataset, model_cfg, cfg = resolve_train(args)
     n_train = len(dataset.train)
     text = run_file_text(preset_name=preset_name, data=data_spec, model=model_cfg,
                          train=cfg.resolve(n_train), budget=cfg.budget(n_train))
+    if args.resume and not cfg.out_dir:
+        raise UsageError("--resume needs --out-dir: the run directory to continue")
+    if args.resume and cfg.overwrite:
+        raise UsageError("--resume and --overwrite: expected at most one (--resume continues the "
+                         "run in --out-dir, --overwrite starts it again)")
+    if cfg.out_dir:
+        RunDirectory(cfg.out_dir).check(resume=args.resume, overwrite=cfg.overwrite)
     print(text, file=sys.stderr, flush=True)
     try:
         result = train(model_cfg, cfg, dataset, resume=args.resume, run_file=text,
@@ -298,6 +308,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ValueError, OSError) as e:   # CheckpointError, UsageError, FileNotFoundError included
         print(f"sqt {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return USAGE_ERROR
+    except (RuntimeError, MemoryError) as e:
+        from .utils import is_out_of_memory
+        if not is_out_of_memory(e):
+            raise
+        print(f"sqt {args.command}: error: out of memory ({_one_line(e)[:200]}): ask for less "
+              "(a smaller batch, sequence or model)", file=sys.stderr)
+        return RUN_FAILED
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130

@@ -15,9 +15,12 @@ class NonFiniteLoss(RuntimeError):
 
     def __init__(self, *, what: str, value: float, step: int, kept_step: Optional[int], where):
         self.what, self.value, self.step, self.kept_step = what, value, step, kept_step
-        kept = (f"the last good checkpoint, of step {kept_step}, is kept in {str(where)!r}"
-                if kept_step is not None and where is not None
-                else "no checkpoint was written after it")
+        if where is None:
+            kept = "nothing is saved (no out_dir)"
+        elif kept_step is None:
+            kept = "no checkpoint had been written yet"
+        else:
+            kept = f"the last good checkpoint, of step {kept_step}, is kept in {str(where)!r}"
         super().__init__(f"the {what} became {value} at step {step}: training stopped, and "
                          f"{kept}; a lower lr, a longer warmup or grad_clip may keep it finite")
 

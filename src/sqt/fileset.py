@@ -34,7 +34,8 @@ class FileSetError(ValueError):
     """A set that is incomplete, or that no longer matches its manifest."""
 
 
-def _point(label: str) -> None:
+def point(label: str) -> None:
+    """A point between two writes, where a kill may land (see `crash_hook`)."""
     if crash_hook is not None:
         crash_hook(label)
 
@@ -117,26 +118,26 @@ def write_set(directory, files: Mapping[str, bytes], *, replaceable: Iterable[st
                              "expected a new or empty directory, or one this kind of save wrote")
     new = directory.parent / f".{directory.name}.new-{os.getpid()}-{secrets.token_hex(4)}"
     os.mkdir(new)
-    _point("made the new directory")
+    point("made the new directory")
     for name, data in files.items():
         _write_synced(new / name, data)
-        _point(f"wrote {name}")
+        point(f"wrote {name}")
     if manifest is not None:
         _write_synced(new / MANIFEST, _manifest(files, manifest))
-        _point(f"wrote {MANIFEST}")
+        point(f"wrote {MANIFEST}")
     _fsync_dir(new)
-    _point("synced the new directory")
+    point("synced the new directory")
     previous = aside(directory)
     if directory.exists():
         os.rename(directory, previous)
-        _point("moved the previous set aside")
+        point("moved the previous set aside")
     os.rename(new, directory)
-    _point("renamed the new set into place")
+    point("renamed the new set into place")
     _fsync_dir(directory.parent)
-    _point("synced the parent directory")
+    point("synced the parent directory")
     if previous.exists():
         shutil.rmtree(previous)
-        _point("removed the previous set")
+        point("removed the previous set")
     return directory
 
 

@@ -27,6 +27,13 @@ def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[flo
         raise ValueError(f"top_p={top_p!r}: expected None or a number in (0, 1]")
 
 
+def _device_type(generator: torch.Generator) -> str:
+    try:
+        return generator.device.type
+    except RuntimeError:   # a generator of a device type without one (meta)
+        return "unknown"
+
+
 def check_generation(model, idx, max_new_tokens: int, *, limit: Optional[int],
                      limit_name: str = "the model's max_seq_len", temperature, top_k, top_p,
                      stop_token, generator) -> None:
@@ -46,7 +53,7 @@ def check_generation(model, idx, max_new_tokens: int, *, limit: Optional[int],
         raise ValueError(f"stop_token={stop_token!r}: expected None or a token id in "
                          f"[0, {vocab}) (vocab_size={vocab})")
     if generator is not None and (not isinstance(generator, torch.Generator)
-                                  or generator.device.type != device.type):
+                                  or _device_type(generator) != device.type):
         got = getattr(generator, "device", type(generator).__name__)
         raise ValueError(f"generator on {got}: expected None or a torch.Generator on the "
                          f"model's device type ({device.type})")
@@ -62,8 +69,10 @@ def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: Option
         return logits.argmax(dim=-1)
     # The largest logit at 0 first: dividing by a tiny temperature then gives 0 and -inf, never
     # inf - inf (NaN).
+    # A temperature below float32's smallest normal number would round to 0 there.
     logits = logits.float()
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(
+        temperature, torch.finfo(torch.float32).tiny)
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

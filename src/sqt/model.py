@@ -158,12 +158,7 @@ class TransformerLM(nn.Module):
         checkpoint or run directory written by `sqt train`. Its tokenizer, when it has one:
         `sqt.load_tokenizer(path)` for a model directory, `sqt.checkpoint.load_run_tokenizer`
         for any of them."""
-        directory, _, cfg, state = modeldir.read_model_dir(path)
-        try:
-            model = cls.from_state(cfg, state, where=str(directory / modeldir.WEIGHTS))
-        except ValueError as e:
-            raise modeldir.CheckpointError(str(e)) from None
-        return model.to(device).eval()
+        return modeldir.load(cls, path, device)[0]
 
     def save_pretrained(self, directory, *, tokenizer=None) -> Path:
         """Write a model directory: config.json, model.safetensors and, given a tokenizer,

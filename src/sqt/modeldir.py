@@ -151,6 +151,20 @@ def read_model_dir(path) -> tuple[Path, dict, LMConfig, dict]:
     return directory, meta, model_config(meta, directory / CONFIG), read_weights(directory)
 
 
+def load(model_class, path, device="cpu"):
+    """(model in eval mode on `device`, config.json) of the model at `path`, built by
+    `model_class.from_state` (TransformerLM's: this module sits below the model and is handed
+    it). What `sqt.from_pretrained` and `sqt.checkpoint.load_model` both are."""
+    from .utils import resolve_device
+    device = resolve_device(device) if isinstance(device, str) else device
+    directory, meta, cfg, state = read_model_dir(path)
+    try:
+        model = model_class.from_state(cfg, state, where=str(directory / WEIGHTS))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    return model.to(device).eval(), meta
+
+
 _SIZE = re.compile(r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[(.*)\]\) "
                    r"from checkpoint, the shape in current model is torch\.Size\(\[(.*)\]\)")
 _KEYS = re.compile(r"(Missing|Unexpected) key\(s\) in state_dict: (.*?)\.?$")

@@ -21,9 +21,11 @@ def curves_bytes(curves: list) -> bytes:
     return "".join(json.dumps(c) + "\n" for c in curves).encode()
 
 
-def check_resumable(saved: dict, model_cfg: LMConfig, cfg: TrainConfig, path: Path) -> None:
-    """A CheckpointError unless the checkpoint's config.json describes this run: the same model
-    and the same training settings but for those that do not change the result (RESUME_FREE)."""
+def check_resumable(saved: dict, model_cfg: LMConfig, cfg: TrainConfig, path: Path,
+                    dataset: dict) -> None:
+    """A CheckpointError unless the checkpoint's config.json describes this run: the same model,
+    the same data (`dataset`: its description), and the same training settings but for those
+    that do not change the result (RESUME_FREE)."""
     # Block checkpointing changes memory, not the function: a run may resume with it on or off.
     def function(d: dict) -> dict:
         return {k: v for k, v in {**LMConfig().to_dict(), **d}.items() if k != "checkpoint_blocks"}
@@ -34,6 +36,14 @@ def check_resumable(saved: dict, model_cfg: LMConfig, cfg: TrainConfig, path: Pa
     if function(saved["model"]) != function(model_cfg.to_dict()):
         raise CheckpointError(f"cannot resume from {str(path)!r}: its model config differs from "
                               "this run's")
+    was = saved.get("dataset")
+    for key in ("sha256", "tokenizer_sha256"):
+        if isinstance(was, dict) and was.get(key) and dataset.get(key) \
+                and was[key] != dataset[key]:
+            raise CheckpointError(
+                f"cannot resume from {str(path)!r}: it was trained on {was.get('name')!r} "
+                f"({key} {was[key][:12]}...), this run's data is {dataset.get('name')!r} "
+                f"({dataset[key][:12]}...)")
     old = {**TrainConfig().to_dict(), **train}   # fields added since: their defaults
     diff = [k for k, v in cfg.to_dict().items() if k not in RESUME_FREE and old.get(k) != v]
     if diff:
@@ -42,16 +52,17 @@ def check_resumable(saved: dict, model_cfg: LMConfig, cfg: TrainConfig, path: Pa
             + ", ".join(f"{k} (checkpoint {old.get(k)!r}, now {getattr(cfg, k)!r})" for k in diff))
 
 
-def restore(run: RunDirectory, model, opt, cfg: TrainConfig,
-            device: torch.device) -> Optional[dict]:
+def restore(run: RunDirectory, model, opt, cfg: TrainConfig, device: torch.device,
+            dataset: dict) -> Optional[dict]:
     """Load the run's checkpoint into `model` and `opt` and the RNG states, and return its train
-    state; None (and a note) when the run has no checkpoint yet."""
+    state; None (and a note) when the run has no checkpoint yet. `dataset`: this run's data, as
+    its describe() tells it."""
     where = run.checkpoint()
     if where is None:
         print(f"note: no checkpoint in {str(run.path)!r} yet; starting from step 0",
               file=sys.stderr)
         return None
-    check_resumable(read_config(where), model.config, cfg, where)
+    check_resumable(read_config(where), model.config, cfg, where, dataset)
     loaded, meta = load_model(where)          # checks the manifest of every file first
     state = load_train_state(where)
     if state is None:

@@ -163,7 +163,7 @@ def _train(model_cfg, cfg, dataset, *, run: Optional[RunDirectory], resume, run_
     loss_sum = torch.zeros((), device=device)
     aux_sum = torch.zeros((), device=device)        # MoE auxiliary loss since the last evaluation
     loss_n = 0
-    state = restore(run, model, opt, cfg, device) if resume else None
+    state = restore(run, model, opt, cfg, device, dataset.describe()) if resume else None
     if state is not None:
         step, curves, best = state["step"], state["curves"], tuple(state["best"])
         loss_sum.fill_(state["loss_sum"])

@@ -9,8 +9,8 @@ import json
 import os
 import platform
 import re
+import secrets
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,7 +21,9 @@ def atomic_write_bytes(path, data: bytes) -> None:
     file or the new one, never half of one, even if the process is killed mid-write."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # Not mkstemp: its files are private (0600); this one gets the umask's permissions.
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -82,6 +84,14 @@ def resolve_device(value: str, *, name: str = "device") -> torch.device:
             raise ValueError(f"{name}={value!r}: this machine has {count} CUDA device(s); "
                              f"expected cuda:0 .. cuda:{count - 1}")
     return device
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is a device or host allocation that failed: torch's OutOfMemoryError (CUDA)
+    or the CPU allocator's RuntimeError."""
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    return isinstance(error, (oom, MemoryError)) or (isinstance(error, RuntimeError) and any(
+        s in str(error) for s in ("out of memory", "can't allocate memory")))
 
 
 TOKEN_ID_DTYPES = (torch.int64, torch.int32)
