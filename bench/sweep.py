@@ -277,10 +277,13 @@ def common_args(p: argparse.ArgumentParser) -> None:
 
 
 def check_args(args) -> None:
+    from sqt.runconfig import check_compile_mode
     for name in ("steps", "seeds", "jobs", "device_slots", "batch_size", "seq_len",
                  "eval_batches"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)}: expected >= 1")
+    check_compile_mode(args.compile_mode)
+    resolve_device(args.device, name="--device")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -331,8 +334,9 @@ def summarize(run_dir: Path, results: list[dict], record: dict, meta: dict,
                "hparams": {s: hparams(s, record["device_type"], SIZE_HPARAMS)
                            for s in meta["sizes"]},
                "shared": hparams(meta["sizes"][0], record["device_type"], SHARED_HPARAMS),
-               "rows": rows, "failed": failed_rows(results), "runs": sorted(str(p.relative_to(run_dir)) for p in
-                                            (run_dir / "runs").glob("*.json"))}
+               "rows": rows, "failed": failed_rows(results),
+               "runs": sorted(str(p.relative_to(run_dir))
+                              for p in (run_dir / "runs").glob("*.json"))}
     atomic_write_json(run_dir / "summary.json", summary)
     print()
     report_run(run_dir / "summary.json", *([] if plot else ["--no-plot"]))

@@ -152,6 +152,13 @@ ROWS = [
                                                                          "--overwrite: expected "
                                                                          "at most one"),
     ("cli train", ["--resume"], "--resume needs --out-dir"),
+    ("cli train", ["--vocab-size", "10"], "vocab_size=10 but the dataset's tokenizer has 12"),
+    ("cli train", ["--cuda-graph"], "cuda_graph=True on device 'cpu': CUDA graphs need a CUDA"),
+    ("cli train", ["--seq-len", "1000"], "seq_len=1000: the train split of 'corpus.txt' has "
+                                         "only 648 tokens"),
+    ("cli train", ["--out-dir", "{root}/run", "--resume"], "cannot resume from '{root}/run/"
+                                                           "checkpoint': model config differs "
+                                                           "in d_model (checkpoint 16, now 128)"),
     ("cli generate", ["{root}/run", "--temperature", "nan"], "--temperature=nan: expected a "
                                                              "finite number"),
     ("cli generate", ["{root}/run", "--top-p", "nan"], "--top-p=nan"),

@@ -252,20 +252,19 @@ RESULT_KEYS = ("params", "best_val_loss", "best_step", "final_val_loss", "final_
 
 
 def train_command(args) -> int:
-    from .checkpoint import RunDirectory
     from .runconfig import run_file_text
-    from .train import NonFiniteLoss, train
+    from .train import NonFiniteLoss, check_run, train
     preset_name, data_spec, dataset, model_cfg, cfg = resolve_train(args)
     n_train = len(dataset.train)
     text = run_file_text(preset_name=preset_name, data=data_spec, model=model_cfg,
                          train=cfg.resolve(n_train), budget=cfg.budget(n_train))
+    # Refused before the resolved run is printed, so that a refusal is one line.
     if args.resume and not cfg.out_dir:
         raise UsageError("--resume needs --out-dir: the run directory to continue")
     if args.resume and cfg.overwrite:
         raise UsageError("--resume and --overwrite: expected at most one (--resume continues the "
                          "run in --out-dir, --overwrite starts it again)")
-    if cfg.out_dir:
-        RunDirectory(cfg.out_dir).check(resume=args.resume, overwrite=cfg.overwrite)
+    check_run(model_cfg, cfg, dataset, resume=args.resume)
     print(text, file=sys.stderr, flush=True)
     try:
         result = train(model_cfg, cfg, dataset, resume=args.resume, run_file=text,

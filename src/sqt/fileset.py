@@ -63,6 +63,9 @@ def settled(directory) -> Optional[Path]:
 
 
 def _fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable (POSIX; elsewhere directories cannot be opened)."""
+    if os.name != "posix":
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

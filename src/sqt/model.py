@@ -19,7 +19,7 @@ from .attention import Attention, KVCache
 from .config import LayersArg, LMConfig, hybrid_layers, preset
 from .kernels import cached_bias
 from .moe import MoE
-from .utils import check_token_id_tensor, check_token_ids
+from .utils import check_token_id_tensor, check_token_ids, resolve_device
 
 
 class RMSNorm(nn.Module):
@@ -186,6 +186,8 @@ class TransformerLM(nn.Module):
         """A KV cache for this model, on its device and in its dtype unless told otherwise;
         `max_len` beyond `max_positions` is refused."""
         p = self.tok_emb.weight
+        if isinstance(device, str):
+            device = resolve_device(device)
         return KVCache(self.config, batch_size, max_len, device=device or p.device,
                        dtype=dtype or p.dtype)
 
@@ -217,6 +219,8 @@ class TransformerLM(nn.Module):
         if idx.device != self.tok_emb.weight.device:
             raise ValueError(f"idx is on {idx.device} but the model is on "
                              f"{self.tok_emb.weight.device}: move one to the other")
+        if cache is not None:
+            self._check_cache(cache, B, prefill=not decode)
         if self.check_ids and not decode and not _tracing(idx):
             # Decode steps are the hot loop, fed the ids a sampler drew: their callers check.
             check_token_ids(idx, self.config.vocab_size)
@@ -255,6 +259,23 @@ class TransformerLM(nn.Module):
                 cache.pos.fill_(T)
         logits = self.lm_head(self.norm_f(x))
         return (logits, self.aux_loss()) if return_aux else logits
+
+    def _check_cache(self, cache: KVCache, batch: int, *, prefill: bool) -> None:
+        """A cache made for this model and batch (host-side shapes only); a prefill also checks
+        every layer's buffer (and the attention layer, that the sequence fits)."""
+        if not isinstance(cache, KVCache) or len(cache.k) != len(self.blocks) or \
+                cache.k[0].shape[0] != batch:
+            got = (f"{len(cache.k)} layers, batch {cache.k[0].shape[0]}"
+                   if isinstance(cache, KVCache) else type(cache).__name__)
+            raise ValueError(f"cache has {got}: expected a KVCache of this model's "
+                             f"{len(self.blocks)} layers for batch {batch} (model.new_cache)")
+        if not prefill:
+            return
+        for i, (block, k) in enumerate(zip(self.blocks, cache.k)):
+            want = (batch, block.attn.spec.n_kv_heads, cache.max_len, self.config.head_dim)
+            if tuple(k.shape) != want:
+                raise ValueError(f"cache layer {i} has shape {tuple(k.shape)}: expected {want}, "
+                                 "a KVCache made for this model (model.new_cache)")
 
     def moe_layers(self) -> list[MoE]:
         return [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]

@@ -142,13 +142,18 @@ def read_weights(directory) -> dict:
 def read_model_dir(path) -> tuple[Path, dict, LMConfig, dict]:
     """(directory, config.json, model config, weights) of the model at `path`, its manifest
     checked when it has one."""
-    directory = find_model_dir(path)
-    try:
-        verify(directory)
-    except FileSetError as e:
-        raise CheckpointError(str(e)) from None
-    meta = read_config(directory)
-    return directory, meta, model_config(meta, directory / CONFIG), read_weights(directory)
+    for attempt in (1, 2):
+        directory = find_model_dir(path)
+        try:
+            verify(directory)
+            meta = read_config(directory)
+            cfg = model_config(meta, directory / CONFIG)
+            return directory, meta, cfg, read_weights(directory)
+        except (CheckpointError, FileSetError) as e:
+            # A training process swapped a new checkpoint in while this one was being read, and
+            # removed the one kept aside: read the new one.
+            if attempt == 2 or directory.exists():
+                raise CheckpointError(str(e)) from None
 
 
 def load(model_class, path, device="cpu"):

@@ -33,16 +33,19 @@ def check_resumable(saved: dict, model_cfg: LMConfig, cfg: TrainConfig, path: Pa
     if not isinstance(train, dict):
         raise CheckpointError(f"{str(path)!r}: config.json's train={train!r}: expected an object "
                               "of TrainConfig fields")
-    if function(saved["model"]) != function(model_cfg.to_dict()):
-        raise CheckpointError(f"cannot resume from {str(path)!r}: its model config differs from "
-                              "this run's")
-    was = saved.get("dataset")
+    was, now = function(saved["model"]), function(model_cfg.to_dict())
+    diff = [k for k in now if was.get(k) != now[k]]
+    if diff:
+        raise CheckpointError(
+            f"cannot resume from {str(path)!r}: model config differs in "
+            + ", ".join(f"{k} (checkpoint {was.get(k)!r}, now {now[k]!r})" for k in diff))
+    data = saved.get("dataset")
     for key in ("sha256", "tokenizer_sha256"):
-        if isinstance(was, dict) and was.get(key) and dataset.get(key) \
-                and was[key] != dataset[key]:
+        if isinstance(data, dict) and isinstance(data.get(key), str) and dataset.get(key) \
+                and data[key] != dataset[key]:
             raise CheckpointError(
-                f"cannot resume from {str(path)!r}: it was trained on {was.get('name')!r} "
-                f"({key} {was[key][:12]}...), this run's data is {dataset.get('name')!r} "
+                f"cannot resume from {str(path)!r}: it was trained on {data.get('name')!r} "
+                f"({key} {data[key][:12]}...), this run's data is {dataset.get('name')!r} "
                 f"({dataset[key][:12]}...)")
     old = {**TrainConfig().to_dict(), **train}   # fields added since: their defaults
     diff = [k for k, v in cfg.to_dict().items() if k not in RESUME_FREE and old.get(k) != v]

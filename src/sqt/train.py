@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from .accounting import train_step_flops
-from .checkpoint import RunDirectory
+from .checkpoint import RunDirectory, read_config
 from .config import LMConfig
 from .divergence import FiniteWatch, NonFiniteLoss
 from .model import TransformerLM
 from .moe import cuda_graph_blocker
 from .progress import Reporter
-from .resume import curves_bytes, finished, restore
+from .resume import check_resumable, curves_bytes, finished, restore
 from .runconfig import TrainConfig
 from .utils import check_token_ids, peak_for, resolve_device, run_record
 from .windows import Sampler, fixed_windows, split_tokens
@@ -105,6 +105,19 @@ def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, *, resume: bool = Fals
     other runs train. `peak_tflops`: a measured peak for MFU (see peak_for). Returns losses,
     accuracy, curves, the budget, speed (ms/step, tokens/s, MFU) and the model (under "model",
     not JSON)."""
+    check_run(model_cfg, cfg, dataset, resume=resume)
+    claim = (RunDirectory(cfg.out_dir).claim(resume=resume, overwrite=cfg.overwrite)
+             if cfg.out_dir else contextlib.nullcontext())
+    with claim as run:
+        return _train(model_cfg, cfg, dataset, run=run, resume=resume, run_file=run_file,
+                      peak_tflops=peak_tflops, label=label, callback=callback, on_ready=on_ready)
+
+
+def check_run(model_cfg: LMConfig, cfg: TrainConfig, dataset, *, resume: bool = False) -> None:
+    """What `train` refuses before it starts, checked without reading the data or writing
+    anything (a run directory's checkpoint config is read), so that a command line can refuse
+    before it prints anything: settings that do not fit the data or the device, a run directory
+    that is not to be replaced, a checkpoint of another run to resume."""
     if model_cfg.vocab_size != dataset.tokenizer.vocab_size:
         raise ValueError(f"vocab_size={model_cfg.vocab_size} but the dataset's tokenizer has "
                          f"{dataset.tokenizer.vocab_size} symbols; set vocab_size to match")
@@ -113,11 +126,23 @@ def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, *, resume: bool = Fals
                          f"{model_cfg.max_seq_len}")
     if resume and not cfg.out_dir:
         raise ValueError("resume=True needs out_dir: the directory holding the checkpoint")
-    claim = (RunDirectory(cfg.out_dir).claim(resume=resume, overwrite=cfg.overwrite)
-             if cfg.out_dir else contextlib.nullcontext())
-    with claim as run:
-        return _train(model_cfg, cfg, dataset, run=run, resume=resume, run_file=run_file,
-                      peak_tflops=peak_tflops, label=label, callback=callback, on_ready=on_ready)
+    device = resolve_device(cfg.device)
+    if cfg.cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True on device {str(device)!r}: CUDA graphs need a CUDA "
+                         "device")
+    for split in ("train", "val"):
+        n = len(getattr(dataset, split))
+        if n <= cfg.seq_len + 1:
+            raise ValueError(f"seq_len={cfg.seq_len}: the {split} split of "
+                             f"{dataset.describe().get('name')!r} has only {n} tokens; expected "
+                             "more than seq_len + 1")
+    if cfg.out_dir:
+        run = RunDirectory(cfg.out_dir)
+        run.check(resume=resume, overwrite=cfg.overwrite)
+        where = run.checkpoint() if resume else None
+        if where is not None:
+            check_resumable(read_config(where), model_cfg, cfg.resolve(len(dataset.train)),
+                            where, dataset.describe())
 
 
 def _train(model_cfg, cfg, dataset, *, run: Optional[RunDirectory], resume, run_file,
@@ -143,9 +168,6 @@ def _train(model_cfg, cfg, dataset, *, run: Optional[RunDirectory], resume, run_
         print(f"note: no CUDA graph for this run ({blocker}); each step runs uncaptured",
               file=sys.stderr)
         use_graph = False
-    if use_graph and not cuda:
-        raise ValueError(f"cuda_graph=True on device {str(device)!r}: CUDA graphs need a CUDA "
-                         "device")
 
     peak, peak_source = peak_for(device, dtype, measured=peak_tflops)
     info = {"device": str(device), "dtype": str(dtype).replace("torch.", ""),
@@ -229,7 +251,8 @@ def _train(model_cfg, cfg, dataset, *, run: Optional[RunDirectory], resume, run_
 
     def save(result: Optional[dict] = None):
         nonlocal kept_step
-        watch.check(kept_step=kept_step, where=where)   # never a checkpoint of weights trained on a non-finite loss
+        # Never a checkpoint of weights trained on a non-finite loss.
+        watch.check(kept_step=kept_step, where=where)
         state = {"optimizer": opt.state_dict(), "step": step, "curves": curves, "best": list(best),
                  "loss_sum": loss_sum.item(), "loss_n": loss_n, "aux_sum": aux_sum.item(),
                  "rng_cpu": torch.get_rng_state(),
