@@ -4,6 +4,7 @@ input: (where it enters, the input, a fragment the message must hold). Then rand
 layer-spec parser and the generation arguments either work or raise ValueError, never anything
 else."""
 
+import dataclasses
 import json
 import math
 import shutil
@@ -71,6 +72,10 @@ ROWS = [
     ("forward", torch.ones(1, 2, dtype=torch.long, device="meta"), "idx is on meta but the "
                                                                    "model is on cpu"),
     ("forward", torch.ones(1, 17, dtype=torch.long), "sequence length 17 exceeds max_seq_len=16"),
+    ("cache", dict(layers="mqa"), "cache layer 0 has shape (1, 1, 8, 8): expected (1, 2, 8, 8)"),
+    ("cache", dict(batch=2), "cache has 1 layers, batch 2: expected a KVCache of this model's 1 "
+                             "layers for batch 1"),
+    ("cache", dict(device="cuda:x"), "device='cuda:x': expected auto, cpu, cuda or cuda:N"),
     # generation arguments
     ("generate", dict(idx=p([[1, 11]])), "prompt holds token id 11 at [0, 1]"),
     ("generate", dict(idx=p([[1.0]])), "prompt has dtype torch.float32"),
@@ -208,6 +213,10 @@ def enter(where: str, value, model, root: Path):
     prompt = p([[1, 2]])
     if where == "forward":
         return model(value)
+    if where == "cache":
+        other = TransformerLM(dataclasses.replace(model.config, layers=value.get("layers", "mha")))
+        cache = other.new_cache(value.get("batch", 1), 8, device=value.get("device"))
+        return model(prompt, cache)
     if where == "generate":
         kw = dict(value)
         return generate(model, kw.pop("idx", prompt), kw.pop("n", 3), **kw)

@@ -147,7 +147,7 @@ def read_state(directory) -> Optional[dict]:
     train_state.pt), checked; None when it has none."""
     directory = Path(directory)
     if all((directory / name).is_file() for name in FILES):
-        return check_state(_read_current(directory), f"{str(directory)!r}'s train state")
+        return check_state(_read_current(directory), f"the train state in {str(directory)!r}")
     if (directory / LEGACY).is_file():
         return check_state(_read_legacy(directory / LEGACY), repr(str(directory / LEGACY)))
     if any((directory / name).is_file() for name in FILES):
