@@ -278,9 +278,111 @@ def train_command(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------- probe
+
+def _add_data_options(p, what: str) -> None:
+    p.add_argument("--data", default=None,
+                   help=f"{what}: 'tinyshakespeare', a prepared directory or a text file "
+                        "(default: %(default)s, the run's own data)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per window (default: %(default)s, the run's training window)")
+    p.add_argument("--eval-batch-size", type=int, default=16,
+                   help="windows per forward pass when measuring (default: %(default)s)")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when available), cpu, cuda or cuda:N (default: %(default)s)")
+
+
+def _add_probe(sub) -> None:
+    p = sub.add_parser("probe", help="how positional each layer's and head's query is",
+                       description="Probe a checkpoint on validation text: per layer and head, "
+                                   "the share of the query's (and key's) variance that position "
+                                   "alone explains, and the loss the model loses when a layer's "
+                                   "queries are replaced by their per-position mean. Writes "
+                                   "probe.json, probe.md and probe.png; prints the table.")
+    p.add_argument("run_dir", metavar="RUN",
+                   help="checkpoint or run directory (a trained or imported model)")
+    _add_data_options(p, "validation text")
+    p.add_argument("--tokens", type=int, default=32768,
+                   help="validation tokens to probe on (default: %(default)s)")
+    p.add_argument("--per-head", action="store_true",
+                   help="also the loss change of replacing each head's queries alone "
+                        "(default: %(default)s)")
+    p.add_argument("--out", default=None,
+                   help="directory for the files (default: %(default)s, the run directory)")
+    p.set_defaults(run=probe_command)
+
+
+def probe_command(args) -> int:
+    from .probe_report import probe_markdown, probe_run
+    from .utils import resolve_device
+    report, written = probe_run(args.run_dir, data=args.data, tokens=args.tokens,
+                                seq_len=args.seq_len, batch_size=args.eval_batch_size,
+                                per_head=args.per_head, out=args.out,
+                                device=resolve_device(args.device, name="--device"))
+    print(probe_markdown(report, title=f"Query probe of {args.run_dir}"), end="")
+    for kind, where in written.items():
+        print(f"sqt probe: {kind}: {where}", file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- convert
+
+def _add_convert(sub) -> None:
+    from .convert import METHODS
+    p = sub.add_parser("convert", help="convert a trained model to another variant",
+                       description="Convert a checkpoint's layers to another variant (a static "
+                                   "table, GQA/MQA, the SQA family) by a documented "
+                                   "initialisation (sqt.convert), optionally fine-tune it, and "
+                                   "save it as an ordinary checkpoint with conversion.json.")
+    p.add_argument("run_dir", metavar="RUN", help="checkpoint or run directory to convert")
+    p.add_argument("--to", required=True, nargs="+", metavar="SPEC",
+                   help="target layer spec for every converted layer, or one per converted "
+                        "layer: sqt, table:gqa, gqa, mqa, sqa, ssqa, xsqa, nq/nkv, ...")
+    p.add_argument("--out", required=True, help="new directory for the converted checkpoint")
+    p.add_argument("--method", choices=METHODS, default="first",
+                   help="which query heads a layout with fewer keeps: the first, the most "
+                        "content-dependent by the probe, or pooled runs (default: %(default)s)")
+    p.add_argument("--layers", type=int, nargs="+", default=None, metavar="I",
+                   help="layer indices to convert (default: %(default)s: all)")
+    _add_data_options(p, "text for tables, head ranking, scoring and fine-tuning")
+    p.add_argument("--corpus-tokens", type=int, default=65536,
+                   help="training-split tokens that tables average over and the probe ranks "
+                        "heads on (default: %(default)s)")
+    p.add_argument("--eval-tokens", type=int, default=16384,
+                   help="validation tokens to score the model on before and after; 0 skips "
+                        "(default: %(default)s)")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="fine-tune the converted model for this many tokens (default: "
+                        "%(default)s, no fine-tune)")
+    for flag, kind, text in (("--lr", float, "peak learning rate of the fine-tune"),
+                             ("--warmup", int, "warm-up steps of the fine-tune (default: "
+                                               "%(default)s, a tenth of its steps)"),
+                             ("--batch-size", int, "sequences per fine-tune step"),
+                             ("--seed", int, "seed of the fine-tune's windows and dropout")):
+        p.add_argument(flag, type=kind, default=None, help=text if "default" in text else
+                       text + " (default: %(default)s, the source run's)")
+    p.set_defaults(run=convert_command)
+
+
+def convert_command(args) -> int:
+    from .convert import convert_run
+    from .utils import resolve_device
+    device = resolve_device(args.device, name="--device")
+    record = convert_run(args.run_dir, args.out, args.to if len(args.to) > 1 else args.to[0],
+                         layers=args.layers, method=args.method, data=args.data,
+                         corpus_tokens=args.corpus_tokens, seq_len=args.seq_len,
+                         eval_tokens=args.eval_tokens, tokens=args.tokens, device=device,
+                         eval_batch_size=args.eval_batch_size, lr=args.lr, warmup=args.warmup,
+                         batch_size=args.batch_size, seed=args.seed)
+    print(json.dumps({"event": "converted", "out": args.out,
+                      **{k: record.get(k) for k in ("to", "method", "layers", "loss_source",
+                                                    "loss_converted", "loss_finetuned")}}))
+    return 0
+
+
 # -------------------------------------------------------------------------------------------- main
 
-COMMANDS = (_add_train, _add_generate)
+COMMANDS = (_add_train, _add_generate, _add_probe, _add_convert)
 
 
 def parser() -> argparse.ArgumentParser:

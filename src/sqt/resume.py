@@ -1,6 +1,7 @@
-"""Continuing a run from the checkpoint in its run directory: the check that it is the same run,
-its state restored exactly (weights, optimizer, counters, RNG states), and the record of a run
-that had already finished, handed back without rewriting it."""
+"""Where a run starts from: the checkpoint in its run directory when it resumes (the check that
+it is the same run, its state restored exactly: weights, optimizer, counters, RNG states; the
+record of a run that had already finished, handed back without rewriting it), or given initial
+weights (a converted or pretrained model of the same shape)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,25 @@ import torch
 from .checkpoint import CheckpointError, RunDirectory, load_model, load_train_state, read_config
 from .config import LMConfig
 from .runconfig import RESUME_FREE, TrainConfig
+
+
+# LMConfig fields that change how a model trains or runs, not the function its weights compute.
+NOT_FUNCTION = ("dropout", "checkpoint_blocks", "backend", "moe_impl")
+
+
+def initial_weights(init_from, model_cfg: LMConfig) -> dict:
+    """The state dict a run starts from: `init_from` itself, or the model of a checkpoint
+    directory, which must be the model this run trains."""
+    if isinstance(init_from, dict):
+        return init_from
+    model, _ = load_model(init_from)
+    mine, theirs = ({k: v for k, v in c.to_dict().items() if k not in NOT_FUNCTION}
+                    for c in (model_cfg, model.config))
+    if mine != theirs:
+        diff = ", ".join(f"{k} ({theirs[k]!r} there, {mine[k]!r} here)"
+                         for k in mine if mine[k] != theirs.get(k))
+        raise ValueError(f"init_from={str(init_from)!r} holds another model: {diff}")
+    return model.state_dict()
 
 
 def curves_bytes(curves: list) -> bytes:

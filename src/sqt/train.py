@@ -23,7 +23,7 @@ from .divergence import FiniteWatch, NonFiniteLoss
 from .model import TransformerLM
 from .moe import cuda_graph_blocker
 from .progress import Reporter
-from .resume import check_resumable, curves_bytes, finished, restore
+from .resume import check_resumable, curves_bytes, finished, initial_weights, restore
 from .runconfig import TrainConfig
 from .utils import check_token_ids, peak_for, resolve_device, run_record
 from .windows import Sampler, fixed_windows, split_tokens
@@ -84,7 +84,7 @@ def evaluate(model, xs, ys, autocast, *, micro_batch: int) -> tuple[float, float
 
 
 def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, *, resume: bool = False,
-          run_file: Optional[str] = None, peak_tflops: Optional[float] = None,
+          init_from=None, run_file: Optional[str] = None, peak_tflops: Optional[float] = None,
           label: str = "train", callback: Optional[Callable[[int], None]] = None,
           on_ready: Optional[Callable[[], None]] = None) -> dict:
     """Train `TransformerLM(model_cfg)` on `dataset` (`tokenizer`, `train` and `val` token
@@ -95,6 +95,9 @@ def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, *, resume: bool = Fals
     checkpoint and end exactly where an uninterrupted run would, on CPU; GPU kernels are not
     bitwise deterministic) or `cfg.overwrite` (delete it and start again). `run_file` is saved as
     its config.toml. Resuming a finished run trains and rewrites nothing and returns its record.
+    `init_from` (a state dict, or a checkpoint directory of the same model) replaces the seeded
+    initial weights: a fresh run that starts from a converted or pretrained model; a resumed run
+    with a checkpoint ignores it, its checkpoint being newer.
 
     A loss (or gradient norm) that becomes NaN or infinite is recorded on the device inside the
     step and read where the loop synchronises anyway (evaluations and checkpoints): the run
@@ -109,8 +112,9 @@ def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, *, resume: bool = Fals
     claim = (RunDirectory(cfg.out_dir).claim(resume=resume, overwrite=cfg.overwrite)
              if cfg.out_dir else contextlib.nullcontext())
     with claim as run:
-        return _train(model_cfg, cfg, dataset, run=run, resume=resume, run_file=run_file,
-                      peak_tflops=peak_tflops, label=label, callback=callback, on_ready=on_ready)
+        return _train(model_cfg, cfg, dataset, run=run, resume=resume, init_from=init_from,
+                      run_file=run_file, peak_tflops=peak_tflops, label=label,
+                      callback=callback, on_ready=on_ready)
 
 
 def check_run(model_cfg: LMConfig, cfg: TrainConfig, dataset, *, resume: bool = False) -> None:
@@ -139,14 +143,13 @@ def check_run(model_cfg: LMConfig, cfg: TrainConfig, dataset, *, resume: bool = 
     if cfg.out_dir:
         run = RunDirectory(cfg.out_dir)
         run.check(resume=resume, overwrite=cfg.overwrite)
-        where = run.checkpoint() if resume else None
-        if where is not None:
-            check_resumable(read_config(where), model_cfg, cfg.resolve(len(dataset.train)),
-                            where, dataset.describe())
+        if resume and run.checkpoint() is not None:
+            check_resumable(read_config(run.checkpoint()), model_cfg,
+                            cfg.resolve(len(dataset.train)), run.checkpoint(), dataset.describe())
 
 
-def _train(model_cfg, cfg, dataset, *, run: Optional[RunDirectory], resume, run_file,
-           peak_tflops, label, callback, on_ready) -> dict:
+def _train(model_cfg, cfg, dataset, *, run: Optional[RunDirectory], resume, init_from,
+           run_file, peak_tflops, label, callback, on_ready) -> dict:
     name = dataset.describe().get("name")
     # Token ids enter here, once: the step itself never checks them (it must not synchronise).
     train_tokens = split_tokens(dataset.train)
@@ -169,14 +172,14 @@ def _train(model_cfg, cfg, dataset, *, run: Optional[RunDirectory], resume, run_
               file=sys.stderr)
         use_graph = False
 
-    peak, peak_source = peak_for(device, dtype, measured=peak_tflops)
-    info = {"device": str(device), "dtype": str(dtype).replace("torch.", ""),
-            "compiled": use_compile, "cuda_graph": use_graph, "peak_tflops": peak,
-            "peak_source": peak_source}
-
+    info = dict(zip(("peak_tflops", "peak_source"), peak_for(device, dtype, measured=peak_tflops)),
+                device=str(device), dtype=str(dtype).replace("torch.", ""),
+                compiled=use_compile, cuda_graph=use_graph)
     torch.manual_seed(cfg.seed)
     model = TransformerLM(model_cfg).to(device)
     model.check_ids = False     # its ids were checked above
+    if init_from is not None and not (resume and run.checkpoint() is not None):
+        model.load_state_dict(initial_weights(init_from, model_cfg))
     opt = make_optimizer(model, cfg, device, graphed=use_graph)
     sampler = Sampler(train_tokens.to(device), cfg.batch_size, cfg.seq_len, cfg.seed)
     val_x, val_y = fixed_windows(val_tokens, cfg.eval_batches * cfg.batch_size, cfg.seq_len,
