@@ -301,6 +301,15 @@ def test_a_file_changed_after_the_checkpoint_was_written_is_refused(data, tmp_pa
         load_model(tmp_path / "a")
     with pytest.raises(CheckpointError, match="was changed after"):
         train(MODEL, cfg(tmp_path / "a", steps=2), data, resume=True)
+    # A file of the set's own kind added later is refused; a note beside the set is not its own.
+    model = load_model(tmp_path / "b")[0]
+    save_model(tmp_path / "c", model)
+    (tmp_path / "c" / "notes.txt").write_text("mine")
+    assert load_model(tmp_path / "c")[1]["format"] == 1
+    data.tokenizer.save(tmp_path / "c" / "tokenizer.json")
+    with pytest.raises(CheckpointError, match="holds tokenizer.json, which its manifest.json does "
+                                              "not list"):
+        load_model(tmp_path / "c")
 
 
 def test_model_directories_round_trip_and_refuse_to_delete_other_files(tmp_path):

@@ -23,9 +23,10 @@ from typing import Iterator, Optional
 
 from .fileset import aside, pending, point, recover, settled, write_set
 from .model import TransformerLM
-from .modeldir import (CHECKPOINT_DIR, CONFIG, MODEL_FILES, TOKENIZER, WEIGHTS, CheckpointError,
-                       find_model_dir, load, model_files, read_config as _read_config)
-from .trainstate import FILES as STATE_FILES, LEGACY as LEGACY_STATE, read_state, state_files
+from .modeldir import (CHECKPOINT_DIR, CHECKPOINT_FILES, CONFIG, LEGACY_TRAIN_STATE as LEGACY_STATE,
+                       TOKENIZER, WEIGHTS, CheckpointError, find_model_dir, load, model_files,
+                       read_config as _read_config)
+from .trainstate import read_state, state_files
 from .utils import atomic_write_bytes
 
 try:
@@ -36,7 +37,6 @@ except ImportError:   # not POSIX: runs are not locked
 __all__ = ["CHECKPOINT_DIR", "CheckpointError", "RunDirectory", "load_model", "load_run_tokenizer",
            "load_train_state", "read_config", "resolve", "save_model"]
 
-CHECKPOINT_FILES = MODEL_FILES + STATE_FILES + (LEGACY_STATE,)
 RUN_FILES = ("config.toml", "curves.jsonl", "result.json")
 LOCK = ".lock"
 

@@ -152,10 +152,11 @@ def _sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify(directory) -> Optional[dict]:
+def verify(directory, *, members: Iterable[str] = ()) -> Optional[dict]:
     """The manifest of the set at `directory` once every file it lists is checked (size, then
     sha256), or None when the directory has no manifest. A FileSetError names the first file that
-    is missing, changed, or present but not listed."""
+    is missing or changed, or one of `members` (the names a set of this kind may hold) present but
+    not listed: added afterwards. Other files beside the set are not its business."""
     directory = Path(directory)
     path = directory / MANIFEST
     if not path.is_file():
@@ -182,8 +183,7 @@ def verify(directory) -> Optional[dict]:
                 f"{str(file)!r} was changed after the set was written ({found[0]} bytes{got}; "
                 f"{MANIFEST} records {size} bytes, sha256 {sha[:12]}...): it was edited, cut "
                 "short or swapped in from another set")
-    stray = sorted(p.name for p in directory.iterdir()
-                   if p.name not in sizes and p.name != MANIFEST and not p.name.startswith("."))
+    stray = sorted(name for name in set(members) - set(sizes) if (directory / name).exists())
     if stray:
         raise FileSetError(f"{str(directory)!r} holds {', '.join(stray)}, which its {MANIFEST} "
                            "does not list: added after the set was written")

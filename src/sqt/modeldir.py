@@ -15,6 +15,10 @@ from .fileset import FileSetError, pending, settled, verify, write_set
 
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
 MODEL_FILES = (CONFIG, WEIGHTS, TOKENIZER)
+TRAIN_STATE_FILES = ("train_state.safetensors", "train_state.json")
+LEGACY_TRAIN_STATE = "train_state.pt"
+CHECKPOINT_FILES = MODEL_FILES + TRAIN_STATE_FILES + (LEGACY_TRAIN_STATE,)
+"""Every file a checkpoint directory may hold (beside its manifest)."""
 CHECKPOINT_DIR = "checkpoint"
 """A run directory's checkpoint: a model directory plus train state, swapped in as one set."""
 FORMAT_VERSION = 1
@@ -145,7 +149,7 @@ def read_model_dir(path) -> tuple[Path, dict, LMConfig, dict]:
     for attempt in (1, 2):
         directory = find_model_dir(path)
         try:
-            verify(directory)
+            verify(directory, members=CHECKPOINT_FILES)
             meta = read_config(directory)
             cfg = model_config(meta, directory / CONFIG)
             return directory, meta, cfg, read_weights(directory)

@@ -18,10 +18,10 @@ from typing import Optional
 
 import torch
 
+from .modeldir import LEGACY_TRAIN_STATE as LEGACY, TRAIN_STATE_FILES as FILES
 from .modeldir import CheckpointError, json_bytes
 
-TENSORS, SCALARS, LEGACY = "train_state.safetensors", "train_state.json", "train_state.pt"
-FILES = (TENSORS, SCALARS)
+TENSORS, SCALARS = FILES
 REQUIRED = {"optimizer": dict, "step": int, "curves": list, "best": list, "loss_sum": float,
             "loss_n": int, "rng_cpu": torch.Tensor}
 """The fields every train state has, and their types (an int passes for a float)."""
