@@ -5,7 +5,7 @@ it reads and writes; and `attention_layer`, the same layer as a drop-in module f
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -209,6 +209,11 @@ class Attention(nn.Module):
                                                     + self.qkv_split[1])) if b > a)
         self.requested_backend = backend
         check_backend(backend, spec.window, head_dim=hd)  # fail at construction where it can
+        # Tools that read or replace the queries (the query probe, conversions) set this to a
+        # function of (queries before RoPE (B, n_q_heads, T, head_dim), positions (T,)) that
+        # returns the queries to use. The layer then takes the plain path, rotating into new
+        # tensors, since the in-place rotation overwrites the projected queries it would show.
+        self.query_hook: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
 
     @classmethod
     def from_config(cls, cfg: LMConfig, spec: LayerSpec, layer_idx: int) -> "Attention":
@@ -273,14 +278,21 @@ class Attention(nn.Module):
             if positions is None:
                 positions = cache.pos + torch.arange(T, device=x.device)
         qkv = self.qkv_proj(x)
-        if self.rotary is not None:
-            at = positions if decode else torch.arange(T, device=x.device)
-            qkv = self.rotary.rotate_heads_(qkv, self.rope_spans, at)
-        q_lin, k, v = qkv.split(self.qkv_split, dim=-1)
-        q = self.queries(x, positions if decode else None, q_lin)
-        if self.rotary is not None and self.spec.query != "proj":
-            q = self.rotary(q, at)
-        k = k.view(B, T, nkv, hd).transpose(1, 2)
+        at = positions if decode else torch.arange(T, device=x.device)
+        if self.query_hook is not None:
+            q_lin, k, v = qkv.split(self.qkv_split, dim=-1)
+            q = self.query_hook(self.queries(x, positions if decode else None, q_lin), at)
+            k = k.view(B, T, nkv, hd).transpose(1, 2)
+            if self.rotary is not None:
+                q, k = self.rotary(q, at), self.rotary(k, at)
+        else:
+            if self.rotary is not None:
+                qkv = self.rotary.rotate_heads_(qkv, self.rope_spans, at)
+            q_lin, k, v = qkv.split(self.qkv_split, dim=-1)
+            q = self.queries(x, positions if decode else None, q_lin)
+            if self.rotary is not None and self.spec.query != "proj":
+                q = self.rotary(q, at)
+            k = k.view(B, T, nkv, hd).transpose(1, 2)
         v = v.view(B, T, nkv, hd).transpose(1, 2)
         grad = torch.is_grad_enabled() and (x.requires_grad or qkv.requires_grad)
         backend = self.backend_for(x.device, seq_len=T, grad=grad)

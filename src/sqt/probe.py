@@ -106,12 +106,9 @@ def recording(model):
     for block, (qm, km) in zip(model.blocks, moments):
         attn = block.attn
 
-        def queries(x, positions=None, projected=None, *, attn=attn, qm=qm,
-                    original=attn.queries):
-            q = original(x, positions, projected)
+        def record(q, positions, *, attn=attn, qm=qm):
             # A rotary query is constant before RoPE: it is recorded where it acts.
-            qm.add(attn.rotary(q, torch.arange(q.shape[2], device=q.device))
-                   if attn.spec.query == "rotary" else q)
+            qm.add(attn.rotary(q, positions) if attn.spec.query == "rotary" else q)
             return q
 
         def keys(module, inputs, out, *, attn=attn, km=km):
@@ -119,14 +116,14 @@ def recording(model):
             B, T, _ = out.shape
             km.add(out[..., q_w:q_w + kv_w].reshape(B, T, -1, attn.head_dim).transpose(1, 2))
 
-        attn.queries = queries
+        attn.query_hook = record
         patched.append(attn)
         handles.append(attn.qkv_proj.register_forward_hook(keys))
     try:
         yield moments
     finally:
         for attn in patched:
-            del attn.queries
+            attn.query_hook = None
         for h in handles:
             h.remove()
 
@@ -135,24 +132,19 @@ def recording(model):
 def replaced_queries(attn, mean: torch.Tensor, heads: Optional[Sequence[int]] = None):
     """Within the block, `attn`'s queries (before RoPE) are `mean` (T, n_q_heads, head_dim) at
     each position, for every head or only `heads`: the layer as a static table."""
-    original = attn.queries
-
-    def queries(x, positions=None, projected=None):
-        q = original(x, positions, projected)
-        T = q.shape[2]
-        m = (mean[:T] if positions is None else mean.index_select(0, positions))
-        m = m.permute(1, 0, 2).to(q.dtype)
+    def queries(q, positions):
+        m = mean.index_select(0, positions).permute(1, 0, 2).to(q.dtype)
         if heads is None:
             return m.unsqueeze(0).expand_as(q)
         q = q.clone()
         q[:, list(heads)] = m[list(heads)]
         return q
 
-    attn.queries = queries
+    attn.query_hook = queries
     try:
         yield
     finally:
-        del attn.queries
+        attn.query_hook = None
 
 
 def _device(model) -> torch.device:
