@@ -166,6 +166,9 @@ def verify(directory, *, members: Iterable[str] = ()) -> Optional[dict]:
         listing = doc["files"]
         sizes = {name: (int(entry["bytes"]), str(entry["sha256"]))
                  for name, entry in listing.items()}
+        outside = [name for name in sizes if Path(name).name != name or name.startswith(".")]
+        if outside:
+            raise ValueError(f"it lists {outside[0]!r}, not a file of the set")
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise FileSetError(f"{str(path)!r} is not a valid manifest ({type(e).__name__}: {e}); "
                            "the set is corrupt") from None
