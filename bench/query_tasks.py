@@ -96,7 +96,9 @@ def train_task(spec: dict, common: dict) -> dict:
     data = dataset(common["data"])
     mcfg, tcfg = configs(common, spec["layers"], spec["seed"], spec["steps"])
     if spec["role"] == "base":
-        tcfg = dataclasses.replace(tcfg, out_dir=str(Path(common["run_dir"]) / spec["model_dir"]))
+        # A base without its run JSON was cut short: it trains again, over what it left.
+        tcfg = dataclasses.replace(tcfg, out_dir=str(Path(common["run_dir"]) / spec["model_dir"]),
+                                   overwrite=True)
     result = run_train(mcfg, tcfg, data, label=spec["label"])
     model = result.pop("model")
     text = windows_for(common)

@@ -29,7 +29,7 @@ from sqt.accounting import param_count
 from sqt.config import SEED_SIZES, VARIANTS, preset, recipe_settings
 from sqt.utils import atomic_write_json, resolve_device, run_record
 
-from .common import matmul_peak_tflops, report_run
+from .common import failure_of, matmul_peak_tflops, report_run
 
 # The training recipes (lr, dropout, batch, budget per size and device) are sqt.config.RECIPES, the
 # same that `sqt train --size S` uses; these are the keys a sweep's summary reports.
@@ -105,10 +105,15 @@ def run_one(spec: dict, common: dict) -> dict:
         _DEVICE_SLOTS.acquire()
         held.update(wait_s=time.perf_counter() - t, slot=True)
 
+    label = f"{spec['size']}/{spec['label']}/s{spec['seed']}"
     try:
-        result = train(mcfg, tcfg, data, peak_tflops=common.get("peak_tflops"),
-                       label=f"{spec['size']}/{spec['label']}/s{spec['seed']}",
+        result = train(mcfg, tcfg, data, peak_tflops=common.get("peak_tflops"), label=label,
                        on_ready=take_slot if _DEVICE_SLOTS is not None else None)
+    except Exception as e:
+        failed = failure_of(e)
+        if failed is None:
+            raise
+        return failed_run(spec, common, mcfg, tcfg, label, failed)
     finally:
         if held["slot"]:
             _DEVICE_SLOTS.release()
@@ -124,6 +129,17 @@ def run_one(spec: dict, common: dict) -> dict:
     print(f"  done {result['label']}: best val {result['best_val_loss']:.4f} "
           f"(ppl {result['best_val_ppl']:.3f}) {result['ms_per_step'] or float('nan'):.1f} ms/step "
           f"{result['wall_s']:.1f} s", flush=True)
+    return result
+
+
+def failed_run(spec: dict, common: dict, mcfg, tcfg, label: str, failed: dict) -> dict:
+    """The record of a run that failed (`failed`: kind, reason, step), written like any run's so
+    the summary lists it and the sweep goes on."""
+    result = {"label": label, "size": spec["size"], "variant": spec["label"], "seed": spec["seed"],
+              "model_config": mcfg.to_dict(), "train_config": tcfg.to_dict(),
+              "concurrent_jobs": common["jobs"], "failed": failed}
+    atomic_write_json(run_json(Path(common["run_dir"]), result), result)
+    print(f"  FAILED {label}: {failed['kind']}: {failed['reason']}", flush=True)
     return result
 
 
@@ -165,13 +181,13 @@ def execute(specs: list[dict], args, kind: str) -> tuple[Path, list[dict], dict]
     latency = {}
     if not args.no_latency:
         from .latency import measure_latency
-        for r in results:
+        for r in ok_runs(results):
             key = (r["size"], r["variant"])
             if key not in latency:
                 from sqt.config import LMConfig
                 latency[key] = measure_latency(LMConfig.from_dict(r["model_config"]), device,
                                                compile=args.latency_compile)
-        for r in results:
+        for r in ok_runs(results):
             r["latency"] = latency[(r["size"], r["variant"])]
             atomic_write_json(run_json(run_dir, r), r)
     record.update(total_wall_s=time.perf_counter() - PROCESS_START, train_wall_s=train_wall,
@@ -188,10 +204,20 @@ def mean_std(values) -> dict:
             "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
 
 
+def ok_runs(results: list[dict]) -> list[dict]:
+    return [r for r in results if not r.get("failed")]
+
+
+def failed_rows(results: list[dict]) -> list[dict]:
+    """The runs that failed, as the summary lists them."""
+    return [{"size": r["size"], "variant": r["variant"], "seed": r["seed"], **r["failed"]}
+            for r in results if r.get("failed")]
+
+
 def aggregate(results: list[dict]) -> list[dict]:
-    """One row per (size, variant): mean and std over seeds."""
+    """One row per (size, variant): mean and std over the seeds that did not fail."""
     groups: dict = {}
-    for r in results:
+    for r in ok_runs(results):
         groups.setdefault((r["size"], r["variant"]), []).append(r)
     rows = []
     for (size, variant), rs in groups.items():
@@ -251,10 +277,13 @@ def common_args(p: argparse.ArgumentParser) -> None:
 
 
 def check_args(args) -> None:
+    from sqt.runconfig import check_compile_mode
     for name in ("steps", "seeds", "jobs", "device_slots", "batch_size", "seq_len",
                  "eval_batches"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)}: expected >= 1")
+    check_compile_mode(args.compile_mode)
+    resolve_device(args.device, name="--device")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -305,8 +334,9 @@ def summarize(run_dir: Path, results: list[dict], record: dict, meta: dict,
                "hparams": {s: hparams(s, record["device_type"], SIZE_HPARAMS)
                            for s in meta["sizes"]},
                "shared": hparams(meta["sizes"][0], record["device_type"], SHARED_HPARAMS),
-               "rows": rows, "runs": sorted(str(p.relative_to(run_dir)) for p in
-                                            (run_dir / "runs").glob("*.json"))}
+               "rows": rows, "failed": failed_rows(results),
+               "runs": sorted(str(p.relative_to(run_dir))
+                              for p in (run_dir / "runs").glob("*.json"))}
     atomic_write_json(run_dir / "summary.json", summary)
     print()
     report_run(run_dir / "summary.json", *([] if plot else ["--no-plot"]))
@@ -325,7 +355,11 @@ def resummarize(run_dir: Path, plot: bool = True) -> int:
     if not results:
         print(f"error: no runs/*.json under {str(run_dir)!r}", file=sys.stderr)
         return 2
-    first = results[0]
+    first = next(iter(ok_runs(results)), None)
+    if first is None:
+        print(f"error: every run under {str(run_dir)!r} failed; nothing to summarize",
+              file=sys.stderr)
+        return 2
     record = {**first["run_record"], "matmul_peak_tflops": first.get("peak_tflops"),
               "peak_dtype": "bfloat16" if first["run_record"]["device_type"] == "cuda"
               else "float32",

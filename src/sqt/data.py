@@ -69,6 +69,8 @@ def dataset_from_text(text: str, name: str, val_fraction: float = 0.1,
                       tokenizer: Optional[CharTokenizer] = None) -> TextDataset:
     if not (isinstance(val_fraction, float) and 0.0 < val_fraction < 1.0):
         raise ValueError(f"val_fraction={val_fraction!r}: expected a float in (0, 1)")
+    if not text:
+        raise ValueError(f"{name}: the text is empty: expected text to train on")
     tok = tokenizer or CharTokenizer.from_text(text)
     ids = tok.encode_array(text).astype(token_dtype(tok.vocab_size))
     n_train = int(len(ids) * (1 - val_fraction))
@@ -121,6 +123,8 @@ def load_text_file(path, val_fraction: float = 0.1) -> TextDataset:
     except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
         raise ValueError(f"text file {str(path)!r} cannot be read as UTF-8 text "
                          f"({type(e).__name__}: {e})") from None
+    if not text:
+        raise ValueError(f"text file {str(path)!r} is empty: expected UTF-8 text to train on")
     return dataset_from_text(text, path.name, val_fraction)
 
 

@@ -137,6 +137,9 @@ def sweep_section(summary: dict, path: Path, doc_dir: Path | None) -> str:
         reading = seed_reading(summary)
         if reading:
             parts.append(reading)
+    failed = failed_runs(summary)
+    if failed:
+        parts += ["### Failed runs", failed]
     parts += [f"### Every variant against {summary['baseline']}",
               seed_table(summary["rows"], summary["baseline"]),
               "### Variant quality", quality_table(summary["rows"])]
@@ -155,6 +158,19 @@ def sweep_section(summary: dict, path: Path, doc_dir: Path | None) -> str:
                      "--summarize`): the sweep's process was stopped after every run had been "
                      "written, during its inference-latency phase, so latency is absent here.")
     return "\n\n".join(parts)
+
+
+def failed_runs(summary: dict) -> str | None:
+    """The runs that stopped without a result (a loss that became NaN or infinite, memory that
+    ran out), left out of every other table."""
+    rows = [[r["size"], r["variant"], str(r["seed"]), r["kind"],
+             "-" if r.get("step") is None else str(r["step"]), r["reason"].replace("|", "/")]
+            for r in summary.get("failed") or []]
+    if not rows:
+        return None
+    return ("These runs failed and are left out of the tables below (their seeds do not count "
+            "in the means):\n\n" + table(["size", "variant", "seed", "failure", "step", "reason"],
+                                          rows))
 
 
 def seed_table(rows: list[dict], baseline: str) -> str:
