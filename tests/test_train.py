@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sqt.checkpoint import CheckpointError, load_model
+from sqt.checkpoint import CheckpointError, load_model, load_run_tokenizer
 from sqt.config import DEVICE_TYPES, PRESETS, RECIPES, SEED_SIZES, LMConfig, recipe_settings
 from sqt.data import dataset_from_text, load_tinyshakespeare
 from sqt.model import TransformerLM
@@ -79,7 +79,7 @@ def test_checkpoint_round_trip_gives_identical_logits(data, tmp_path):
     x = torch.from_numpy(data.val[:32].astype(np.int64))[None]
     with torch.no_grad():
         assert torch.equal(loaded(x), r["model"].eval()(x))
-    assert meta["tokenizer"] == data.tokenizer.to_dict() and meta["step"] == 8
+    assert load_run_tokenizer(tmp_path) == data.tokenizer and meta["step"] == 8
     curves = [json.loads(line) for line in (tmp_path / "curves.jsonl").read_text().splitlines()]
     assert curves == r["curves"]
 

@@ -1,6 +1,7 @@
-"""Checkpoint directories: `model.safetensors` (weights), `config.json` (model config, tokenizer
-and free-form metadata) and, for training runs, `train_state.pt` (optimizer, scheduler step, RNG).
-Every file is written atomically, the config last, so a directory with a config is complete."""
+"""Checkpoint directories: `model.safetensors` (weights), `config.json` (model config and
+free-form metadata), `tokenizer.json` (the tokenizer, when the model has one) and, for training
+runs, `train_state.pt` (optimizer, scheduler step, RNG). Every file is written atomically, the
+config last, so a directory with a config is complete."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from .model import TransformerLM
 from .utils import atomic_write_bytes, atomic_write_json
 
 WEIGHTS, CONFIG, TRAIN_STATE = "model.safetensors", "config.json", "train_state.pt"
+TOKENIZER = "tokenizer.json"
 FORMAT_VERSION = 1
 
 
@@ -23,8 +25,9 @@ class CheckpointError(ValueError):
     """A checkpoint directory that is missing, incomplete, corrupt or incompatible."""
 
 
-def save_model(directory, model: TransformerLM, meta: Optional[dict] = None,
+def save_model(directory, model: TransformerLM, *, tokenizer=None, meta: Optional[dict] = None,
                train_state: Optional[dict] = None) -> Path:
+    """Write `model` (and `tokenizer`, an sqt tokenizer, as tokenizer.json) to `directory`."""
     from safetensors.torch import save as st_save
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -36,6 +39,8 @@ def save_model(directory, model: TransformerLM, meta: Optional[dict] = None,
         buf = io.BytesIO()
         torch.save(train_state, buf)
         atomic_write_bytes(directory / TRAIN_STATE, buf.getvalue())
+    if tokenizer is not None:
+        tokenizer.save(directory / TOKENIZER)
     atomic_write_json(directory / CONFIG, {"format": FORMAT_VERSION,
                                            "model": model.config.to_dict(), **(meta or {})})
     return directory
@@ -98,3 +103,27 @@ def load_train_state(directory) -> Optional[dict]:
     except Exception as e:  # torch raises several types for truncated or garbled pickles
         raise CheckpointError(f"{str(path)!r} cannot be read ({type(e).__name__}); the "
                               "checkpoint is corrupt") from None
+
+
+def load_run_tokenizer(directory):
+    """The tokenizer a checkpoint decodes with: its tokenizer.json, else the `{"type": "char",
+    ...}` dict older checkpoints keep in config.json, else None. A tokenizer with more symbols
+    than the model's vocabulary is a CheckpointError."""
+    from .tokenizer import load_tokenizer
+    directory = Path(directory)
+    meta = read_config(directory)
+    file = directory / TOKENIZER
+    try:
+        if file.is_file():
+            tok = load_tokenizer(file)
+        elif meta.get("tokenizer") is not None:
+            tok = load_tokenizer(meta["tokenizer"])
+        else:
+            return None
+    except ValueError as e:
+        raise CheckpointError(f"{str(directory)!r}: unreadable tokenizer: {e}") from None
+    vocab = meta["model"].get("vocab_size")
+    if isinstance(vocab, int) and tok.vocab_size > vocab:
+        raise CheckpointError(f"{str(directory)!r}: the tokenizer has {tok.vocab_size} symbols "
+                              f"but the model's vocab_size is {vocab}")
+    return tok

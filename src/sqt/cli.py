@@ -1,8 +1,9 @@
 """The `sqt` command: every subcommand, each one parser (`_add_X`) and one body (`X_command`) that
 calls the library. `sqt train` trains a model from a preset, a TOML run file and flags; `sqt
-generate CHECKPOINT --prompt TEXT` streams text from a checkpoint. A user error (bad settings,
-missing or incompatible checkpoint, a prompt the model cannot take) prints one line on stderr and
-exits with status 2, without a traceback."""
+prepare` tokenizes a corpus; `sqt generate CHECKPOINT --prompt TEXT` streams text from a
+checkpoint; `sqt export` / `sqt import-hf` convert to and from Hugging Face. A user error (bad
+settings, missing or incompatible checkpoint, a prompt the model cannot take) prints one line on
+stderr and exits with status 2, without a traceback."""
 
 from __future__ import annotations
 
@@ -47,9 +48,13 @@ def _given(value):
 
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="stream text from a checkpoint directory",
-                       description="Generate text from a checkpoint written by `sqt train`, "
-                                   "printed as it is produced.")
-    p.add_argument("checkpoint", help="checkpoint directory (config.json + model.safetensors)")
+                       description="Generate text from a checkpoint written by `sqt train` or "
+                                   "`sqt import-hf`, decoded with its tokenizer and printed as "
+                                   "it is produced. With a tokenizer that has an end-of-text "
+                                   "token (<|endoftext|>), generation stops there unless "
+                                   "--no-stop is given.")
+    p.add_argument("checkpoint", help="checkpoint directory (config.json + model.safetensors + "
+                                      "tokenizer.json)")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=200,
                    help="tokens to generate, capped by the model's context (default: %(default)s)")
@@ -61,8 +66,14 @@ def _add_generate(sub) -> None:
                    help="nucleus sampling mass in (0, 1] (default: %(default)s, all)")
     p.add_argument("--seed", type=int, default=None,
                    help="seed for reproducible sampling (default: %(default)s, a fresh one)")
-    p.add_argument("--stop", default=None,
-                   help="a single character that ends generation (default: %(default)s)")
+    stop = p.add_mutually_exclusive_group()
+    stop.add_argument("--stop", default=None, metavar="TEXT",
+                      help="text of exactly one token that ends generation, printed (default: "
+                           "%(default)s: the end-of-text token, not printed, when the tokenizer "
+                           "has one)")
+    stop.add_argument("--no-stop", action="store_true",
+                      help="generate all --max-new-tokens tokens, past any end-of-text token "
+                           "(default: %(default)s)")
     p.add_argument("--device", default="auto",
                    help="auto (CUDA when available), cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
@@ -72,23 +83,6 @@ def _add_generate(sub) -> None:
     p.set_defaults(run=generate_command)
 
 
-def _tokenizer(meta: dict, vocab_size: int, directory: str):
-    from .checkpoint import CheckpointError
-    from .tokenizer import CharTokenizer
-    spec = meta.get("tokenizer")
-    if spec is None:
-        raise CheckpointError(f"{directory!r} has no tokenizer in config.json: expected a "
-                              "checkpoint written by `sqt train`")
-    try:
-        tok = CharTokenizer.from_dict(spec)
-    except ValueError as e:
-        raise CheckpointError(f"{directory!r}: incompatible tokenizer: {e}") from None
-    if tok.vocab_size != vocab_size:
-        raise CheckpointError(f"{directory!r}: the tokenizer has {tok.vocab_size} symbols but "
-                              f"the model's vocab_size is {vocab_size}")
-    return tok
-
-
 def _encode(tok, text: str, option: str) -> list[int]:
     try:
         return tok.encode(text)
@@ -96,12 +90,26 @@ def _encode(tok, text: str, option: str) -> list[int]:
         raise UsageError(f"{option}: {e}") from None
 
 
+def _stop_token(tok, args) -> tuple[Optional[int], bool]:
+    """(the token that ends generation, whether it is printed)."""
+    if args.no_stop:
+        return None, False
+    if args.stop is None:
+        return tok.eot_id, False
+    ids = _encode(tok, args.stop, "--stop")
+    if len(ids) != 1:
+        raise UsageError(f"--stop {args.stop!r} is {len(ids)} tokens for this tokenizer: "
+                         "expected text of exactly one token")
+    return ids[0], True
+
+
 def generate_command(args) -> int:
     import torch
 
-    from .checkpoint import load_model
+    from .checkpoint import CheckpointError, load_model, load_run_tokenizer
     from .engine import DecodeEngine
     from .generate import check_sampling
+    from .tokenizer import decode_stream
     from .utils import resolve_device
 
     if args.prompt == "":
@@ -112,18 +120,22 @@ def generate_command(args) -> int:
         check_sampling(args.temperature, args.top_k, args.top_p)
     except ValueError as e:
         raise UsageError("--" + str(e).replace("_", "-", 1)) from None
-    if args.stop is not None and len(args.stop) != 1:
-        raise UsageError(f"--stop {args.stop!r}: expected a single character")
     device = resolve_device(args.device, name="--device")
-    model, meta = load_model(args.checkpoint, device)
-    tok = _tokenizer(meta, model.config.vocab_size, args.checkpoint)
+    model, _ = load_model(args.checkpoint, device)
+    tok = load_run_tokenizer(args.checkpoint)
+    if tok is None:
+        raise CheckpointError(f"{args.checkpoint!r} has no tokenizer (no tokenizer.json, none in "
+                              "config.json): expected a checkpoint written by `sqt train`")
+    if tok.vocab_size != model.config.vocab_size:   # an id past the tokenizer cannot be printed
+        raise CheckpointError(f"{args.checkpoint!r}: the tokenizer has {tok.vocab_size} symbols "
+                              f"but the model's vocab_size is {model.config.vocab_size}")
     ids = _encode(tok, args.prompt, "--prompt")
-    stop = _encode(tok, args.stop, "--stop")[0] if args.stop is not None else None
+    stop, print_stop = _stop_token(tok, args)
     limit = model.max_positions
     new = args.max_new_tokens
     if limit is not None:
         if len(ids) >= limit:
-            raise UsageError(f"--prompt is {len(ids)} characters but the model's context is "
+            raise UsageError(f"--prompt is {len(ids)} tokens but the model's context is "
                              f"{limit}: give at most {limit - 1}")
         if len(ids) + new > limit:
             new = limit - len(ids)
@@ -135,13 +147,20 @@ def generate_command(args) -> int:
     generator.manual_seed(args.seed) if args.seed is not None else generator.seed()
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     engine = DecodeEngine(model, batch_size=1, max_len=len(ids) + new)
+
+    def tokens():
+        for nxt in engine.stream(idx, new, temperature=args.temperature, top_k=args.top_k,
+                                 top_p=args.top_p, stop_token=stop, generator=generator):
+            token = int(nxt[0])
+            if token != stop or print_stop:
+                yield token
+
     out = sys.stdout
     if not args.no_echo:
         out.write(args.prompt)
         out.flush()
-    for nxt in engine.stream(idx, new, temperature=args.temperature, top_k=args.top_k,
-                             top_p=args.top_p, stop_token=stop, generator=generator):
-        out.write(tok.decode([int(nxt[0])]))
+    for text in decode_stream(tok, tokens()):   # whole characters only, never half a UTF-8 one
+        out.write(text)
         out.flush()
     out.write("\n")
     out.flush()
@@ -209,8 +228,8 @@ def _add_train(sub) -> None:
                    help="TOML run file: top-level preset and data, sections [model] and [train] "
                         "(default: %(default)s)")
     p.add_argument("--data", default=_FromBelow(f"the config file's, else {DEFAULT_DATA}"),
-                   help="'tinyshakespeare' (bundled) or a path to a UTF-8 text file "
-                        "(default: %(default)s)")
+                   help="'tinyshakespeare' (bundled), a directory written by `sqt prepare`, "
+                        "or a UTF-8 text file, tokenized by character (default: %(default)s)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run whose checkpoint is in --out-dir (default: %(default)s)")
     _add_fields(p, p.add_argument_group("model (LMConfig fields)"), LMConfig)
@@ -272,9 +291,105 @@ def train_command(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------- prepare
+
+def _add_prepare(sub) -> None:
+    p = sub.add_parser("prepare", help="tokenize a corpus once into a prepared data directory",
+                       description="Tokenize CORPUS (UTF-8 text, plain or .gz; lines holding only "
+                                   "<|endoftext|> separate documents) into memory-mapped "
+                                   "train/val token files, tokenizer.json and meta.json in --out, "
+                                   "for `sqt train --data DIR`. Re-running it on the same corpus "
+                                   "with the same settings does nothing.")
+    p.add_argument("corpus", help="the corpus file (.txt or .txt.gz)")
+    p.add_argument("--tokenizer", required=True, metavar="SPEC",
+                   help="char (the corpus's characters), bpe:VOCAB (a byte-level BPE of VOCAB "
+                        "symbols trained on the corpus, e.g. bpe:10000) or the path of a "
+                        "tokenizer.json (or a directory holding one) to reuse")
+    p.add_argument("--out", required=True, metavar="DATA_DIR", help="directory to write")
+    p.add_argument("--val-fraction", type=float, default=0.01, metavar="F",
+                   help="validation share in (0, 0.5]: every round(1/F)-th document, or the last "
+                        "F of the tokens of a corpus with too few documents "
+                        "(default: %(default)s)")
+    p.add_argument("--min-frequency", type=int, default=2, metavar="N",
+                   help="times a pair must be seen to become a BPE merge (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a dataset in --out prepared from another corpus or with other "
+                        "settings (default: %(default)s)")
+    p.set_defaults(run=prepare_command)
+
+
+def prepare_command(args) -> int:
+    from .data import prepare
+    from .prepared import META_FILE
+    meta = Path(args.out) / META_FILE
+    before = meta.read_bytes() if meta.is_file() else None
+    ds = prepare(args.corpus, args.tokenizer, args.out, val_fraction=args.val_fraction,
+                 min_frequency=args.min_frequency, overwrite=args.overwrite)
+    info = ds.describe()
+    what = "unchanged" if meta.read_bytes() == before else "prepared"
+    print(f"{what}: {args.out}: {info['train_tokens']:,} train + {info['val_tokens']:,} val "
+          f"tokens, {type(ds.tokenizer).__name__} of {info['vocab_size']:,} symbols; train "
+          f"with: sqt train --data {args.out}", flush=True)
+    return 0
+
+
+# ------------------------------------------------------------------------------ export, import-hf
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face model directory",
+                       description="Write a checkpoint (and its tokenizer) as a directory that "
+                                   "transformers' AutoModelForCausalLM and AutoTokenizer load "
+                                   "without remote code, computing the same logits. Needs a "
+                                   "modern-block model (--block modern).")
+    p.add_argument("checkpoint", metavar="RUN", help="checkpoint directory (sqt train --out-dir)")
+    p.add_argument("--format", default="hf", choices=("hf",),
+                   help="output format: hf, a Llama (Qwen2 with a sliding window) directory "
+                        "(default: %(default)s)")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory to write (new or empty)")
+    p.add_argument("--pad-mixed", action="store_true",
+                   help="write layers of different head layouts all MHA-shaped (same logits, "
+                        "more compute) instead of refusing (default: %(default)s)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="weight dtype of the export (default: %(default)s, the checkpoint's)")
+    p.set_defaults(run=export_command)
+
+
+def export_command(args) -> int:
+    from .hf import export_checkpoint
+    out = export_checkpoint(args.checkpoint, args.out, pad_mixed=args.pad_mixed, dtype=args.dtype)
+    hc = json.loads((out / "config.json").read_text())
+    tokenizer = "with" if (out / "tokenizer.json").is_file() else "without"
+    print(f"exported {args.checkpoint} to {out}: {hc['architectures'][0]}, "
+          f"{hc['num_attention_heads']} query / {hc['num_key_value_heads']} key-value heads of "
+          f"{hc['head_dim']}, {tokenizer} a tokenizer", flush=True)
+    return 0
+
+
+def _add_import_hf(sub) -> None:
+    p = sub.add_parser("import-hf", help="read a Hugging Face Llama-format directory as a "
+                                         "checkpoint",
+                       description="Turn a LlamaForCausalLM-format directory (Llama, Mistral, "
+                                   "Qwen2; any head layout; safetensors) into an sqt checkpoint "
+                                   "that `sqt generate` and the library load.")
+    p.add_argument("hf_dir", metavar="DIR", help="the Hugging Face model directory")
+    p.add_argument("--out", required=True, metavar="RUN", help="checkpoint directory to write")
+    p.set_defaults(run=import_hf_command)
+
+
+def import_hf_command(args) -> int:
+    from .checkpoint import load_model
+    from .hf import import_checkpoint
+    out = import_checkpoint(args.hf_dir, args.out)
+    model, _ = load_model(out)
+    tokenizer = "with" if (out / "tokenizer.json").is_file() else "without"
+    print(f"imported {args.hf_dir} to {out}: {model.num_params():,} parameters, layers="
+          f"{model.config.layers!r}, {tokenizer} a tokenizer", flush=True)
+    return 0
+
+
 # -------------------------------------------------------------------------------------------- main
 
-COMMANDS = (_add_train, _add_generate)
+COMMANDS = (_add_train, _add_prepare, _add_generate, _add_export, _add_import_hf)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -22,7 +22,7 @@ from .model import TransformerLM
 from .moe import cuda_graph_blocker
 from .runconfig import RESUME_FREE, TrainConfig
 from .utils import atomic_write_bytes, peak_for, resolve_device, run_record
-from .windows import Sampler, fixed_windows, split_tokens
+from .windows import fixed_windows, make_feed
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -130,8 +130,9 @@ def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, *, resume: bool = Fals
           peak_tflops: Optional[float] = None, label: str = "train",
           callback: Optional[Callable[[int], None]] = None,
           on_ready: Optional[Callable[[], None]] = None) -> dict:
-    """Train `TransformerLM(model_cfg)` on `dataset` (a `sqt.data.TextDataset`: `tokenizer`,
-    `train` and `val` token splits, `describe()`). With `resume`, continue from the checkpoint in
+    """Train `TransformerLM(model_cfg)` on `dataset` (a `sqt.data.TextDataset` or
+    `PreparedDataset`: `tokenizer`, `train` and `val` token splits, `describe()`; the checkpoint
+    stores its tokenizer as tokenizer.json). With `resume`, continue from the checkpoint in
     `cfg.out_dir` and end exactly where an uninterrupted run would (on CPU; GPU kernels are not
     bitwise deterministic). `callback(step)` runs after every step. `on_ready()` runs once, when
     the step is compiled (and captured) and steady-state training begins; a sweep uses it to queue
@@ -144,9 +145,9 @@ def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, *, resume: bool = Fals
     if cfg.seq_len > model_cfg.max_seq_len:
         raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's max_seq_len="
                          f"{model_cfg.max_seq_len}")
-    train_tokens = split_tokens(dataset.train)
-    budget = cfg.budget(train_tokens.numel())
-    cfg = cfg.resolve(train_tokens.numel())
+    n_train = len(dataset.train)
+    budget = cfg.budget(n_train)
+    cfg = cfg.resolve(n_train)
     device = resolve_device(cfg.device)
     cuda = device.type == "cuda"
     if cuda:
@@ -170,9 +171,10 @@ def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, *, resume: bool = Fals
     torch.manual_seed(cfg.seed)
     model = TransformerLM(model_cfg).to(device)
     opt = make_optimizer(model, cfg, device, graphed=use_graph)
-    sampler = Sampler(train_tokens.to(device), cfg.batch_size, cfg.seq_len, cfg.seed)
-    val_x, val_y = fixed_windows(split_tokens(dataset.val),
-                                 cfg.eval_batches * cfg.batch_size, cfg.seq_len, device)
+    sampler = make_feed(dataset.train, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                        seed=cfg.seed, device=device, on_device=cfg.data_on_device)
+    val_x, val_y = fixed_windows(dataset.val, cfg.eval_batches * cfg.batch_size, cfg.seq_len,
+                                 device)
     step, curves, best = 0, [], (math.inf, None)
     loss_sum = torch.zeros((), device=device)
     aux_sum = torch.zeros((), device=device)        # MoE auxiliary loss since the last evaluation
@@ -213,10 +215,9 @@ def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, *, resume: bool = Fals
                  "loss_sum": loss_sum.item(), "loss_n": loss_n, "aux_sum": aux_sum.item(),
                  "rng_cpu": torch.get_rng_state(),
                  "rng_cuda": torch.cuda.get_rng_state(device) if cuda else None}
-        save_model(out, model, meta={"tokenizer": dataset.tokenizer.to_dict(),
-                                     "train": cfg.to_dict(), "budget": budget,
-                                     "dataset": dataset.describe(), "step": step,
-                                     "final": final}, train_state=state)
+        save_model(out, model, tokenizer=dataset.tokenizer,
+                   meta={"train": cfg.to_dict(), "budget": budget, "dataset": dataset.describe(),
+                         "step": step, "final": final}, train_state=state)
         lines = "".join(json.dumps(c) + "\n" for c in curves)
         atomic_write_bytes(out / "curves.jsonl", lines.encode())
 
@@ -343,7 +344,7 @@ def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, *, resume: bool = Fals
         "dataset": dataset.describe(),
         "params": model.num_params(),
         "device": str(device), "dtype": str(dtype).replace("torch.", ""), "compiled": use_compile,
-        "cuda_graph": use_graph,
+        "cuda_graph": use_graph, "data_feed": sampler.kind,
         "compile_mode": cfg.compile_mode,
         "best_val_loss": best[0], "best_step": best[1],
         "final_val_loss": last.get("val_loss"), "final_train_loss": last.get("train_loss"),
