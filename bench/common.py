@@ -97,6 +97,13 @@ def attention_kernel_names(names: Iterable[str]) -> list[str]:
     return sorted({n for n in names if any(h in n.lower() for h in ATTENTION_KERNEL_HINTS)})
 
 
+def show_run(summary_path, wall_s: float) -> None:
+    """The end of a runner: its run as the report renders it, then its wall time and summary."""
+    print()
+    report_run(summary_path)
+    print(f"\nWall time {wall_s:.1f} s. Summary: {summary_path}")
+
+
 def report_run(path, *options: str) -> int:
     """Show a finished run the way the report renders it, without importing the report: data
     flows runner -> JSON -> report. Runs `python -m bench.report --run PATH [options]` in its own

@@ -31,8 +31,9 @@ from typing import Optional
 
 import torch
 
-from bench.common import (atomic_write_json, attention_kernel_names, copy_bandwidth_gbs,
-                          report_run, run_record, summarize, time_fn)
+from bench.common import atomic_write_json, copy_bandwidth_gbs, report_run, run_record, summarize, \
+    time_fn
+from bench.engine_steps import greedy_steps, kernel_profile
 from sqt.accounting import kv_bytes_per_token, weight_bytes_per_decode_step
 from sqt.config import PRESETS, SEED_SIZES, LMConfig, hybrid_layers
 from sqt.engine import DecodeEngine
@@ -61,45 +62,8 @@ def build(size: str, variant: str, device, dtype) -> TransformerLM:
     return model.to(dtype).eval()
 
 
-def seek(engine: DecodeEngine, length: int) -> None:
-    """Position the engine at `length` without a prefill, so its next step writes position
-    `length`: long contexts are timed without paying for their prefill. Earlier positions keep
-    whatever they hold (see `randomize_cache`). The cache's position is on the device and the
-    engine's count of it on the host; both move together."""
-    if isinstance(length, bool) or not isinstance(length, int) \
-            or not 1 <= length < engine.max_len:
-        raise ValueError(f"seek({length!r}): expected an integer in 1..{engine.max_len - 1}")
-    engine.cache.pos.fill_(length)
-    engine.length = length
-
-
-@torch.no_grad()
-def randomize_cache(engine: DecodeEngine) -> None:
-    """Fill every cached key and value with random numbers, once, before timing steps after
-    `seek`: a zero-filled cache can run faster than real data and hides a step that reads
-    nothing."""
-    for buf in engine.cache.k + engine.cache.v:
-        buf.normal_()
-
-
 def bytes_per_element(model: TransformerLM) -> int:
     return model.tok_emb.weight.element_size()
-
-
-def greedy_steps(engine: DecodeEngine, start: int, n: int):
-    """A closure that repositions the cache at `start` and decodes `n` greedy tokens, from a
-    cache of random keys and values and random first tokens (never zeros)."""
-    randomize_cache(engine)
-    first = torch.randint(engine.model.config.vocab_size, (engine.batch_size,),
-                          device=engine.device)
-
-    def run():
-        seek(engine, start)
-        nxt = first
-        for _ in range(n):
-            nxt = engine.step(nxt).argmax(-1)
-        return nxt
-    return run
 
 
 def per_token_by_difference(fn_n, fn_1, n: int, device, repeats: int, max_seconds) -> dict:
@@ -111,36 +75,6 @@ def per_token_by_difference(fn_n, fn_1, n: int, device, repeats: int, max_second
     return {"median_ms": per, "q1_ms": (t_n["q1_ms"] - t_1["median_ms"]) / (n - 1),
             "q3_ms": (t_n["q3_ms"] - t_1["median_ms"]) / (n - 1), "n": t_n["n"],
             "total_n_ms": t_n, "total_1_ms": t_1}
-
-
-def kernel_profile(engine: DecodeEngine, start: int, steps: int = 3) -> dict:
-    """The kernels of one decode step, run eagerly (the same kernels the graph replays): how
-    many, and which attention kernel ran."""
-    from torch.profiler import ProfilerActivity, profile
-    cuda = engine.device.type == "cuda"
-    activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
-    use_graphs, engine.use_graphs = engine.use_graphs, False
-    try:
-        seek(engine, start)
-        tok = torch.randint(engine.model.config.vocab_size, (engine.batch_size,),
-                            device=engine.device)
-        engine.step(tok)   # lazy initialisation outside the profile
-        seek(engine, start)
-        with profile(activities=activities) as prof:
-            for _ in range(steps):
-                engine.step(tok)
-            if cuda:
-                torch.cuda.synchronize()
-    finally:
-        engine.use_graphs = use_graphs
-    want = "CUDA" if cuda else "CPU"
-    names = [e.name for e in prof.events() if e.device_type.name == want
-             and (cuda or e.name.startswith("aten::"))]
-    distinct = sorted(set(names))
-    return {"kind": "cuda kernels" if cuda else "cpu ops (all levels)",
-            "per_step": len(names) / steps,
-            "attention": attention_kernel_names(distinct),
-            "distinct": distinct[:80]}
 
 
 def hf_model(size: str, device, dtype):

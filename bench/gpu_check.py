@@ -1,6 +1,8 @@
 """A CUDA check of the core, which the CPU test suite cannot cover: every variant's backends agree
-on the GPU, compiled forward+backward runs, and which attention kernels ran. Also a rough
-training-step probe per size preset. `python -m bench.gpu_check --out DIR`."""
+on the GPU, compiled forward+backward runs, and which attention kernels ran; a rough
+training-step probe per size preset; and FlashAttention-4 (`flash`) against the eager reference
+for every variant at head dims 16 (forward only), 64 and 128, plus its compiled and captured
+training step. `python -m bench.gpu_check --out DIR [--parts variants,train,flash]`."""
 
 from __future__ import annotations
 
@@ -13,10 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import atomic_write_json, attention_kernel_names, run_record, time_fn
+from bench.gpu_check_flash import check_flash
 from sqt import TransformerLM, preset
 from sqt.config import VARIANTS
 
 CASES = list(VARIANTS) + ["mha@128", "sqa@128", "table:xsqa", "rotary:gqa"]
+PARTS = ("variants", "train", "flash")
 
 
 def attention_kernels(fn) -> list[str]:
@@ -97,14 +101,37 @@ def probe_train_steps(device) -> list[dict]:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=Path("bench/results"))
+    ap.add_argument("--file", default="gpu_check.json", help="the JSON's name under --out")
+    ap.add_argument("--parts", default=",".join(PARTS),
+                    help=f"comma list from {', '.join(PARTS)}")
     args = ap.parse_args(argv)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    if not parts or set(parts) - set(PARTS):
+        ap.error(f"--parts={args.parts!r}: expected a comma list from {', '.join(PARTS)}")
     if not torch.cuda.is_available():
         raise SystemExit("bench.gpu_check needs a CUDA device")
-    device = torch.device("cuda")
+    device = torch.device("cuda", torch.cuda.current_device())
     torch.backends.cuda.matmul.allow_tf32 = True
-    result = {"run": run_record(device), "variants": check_variants(device),
-              "train_probe": probe_train_steps(device)}
-    atomic_write_json(args.out / "gpu_check.json", result)
+    result = {"run": run_record(device), "parts": parts}
+    path = args.out / args.file
+
+    def save():                     # after every part: a killed run keeps what it checked
+        atomic_write_json(path, result)
+    for part, run in (("variants", check_variants), ("train", probe_train_steps),
+                      ("flash", lambda d: check_flash(d, on_row=save_into(result, save)))):
+        if part in parts:
+            print(f"== {part}", flush=True)
+            result["train_probe" if part == "train" else part] = run(device)
+            save()
+    print(f"wrote {path}")
+
+
+def save_into(result: dict, save):
+    """A callback that keeps the flash rows checked so far in the result and writes it."""
+    def on_row(flash_part: dict):
+        result["flash"] = flash_part
+        save()
+    return on_row
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from sqt.engine import DecodeEngine
 from sqt.model import TransformerLM
 
 from .common import time_fn
-from .decode import seek
+from .engine_steps import seek
 
 
 @torch.inference_mode()

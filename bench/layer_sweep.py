@@ -13,7 +13,7 @@ import sys
 from sqt.config import PRESETS, SEED_SIZES, hybrid_layers, preset
 from sqt.utils import atomic_write_json
 
-from .common import report_run
+from .common import show_run
 from .sweep import SIZE_HPARAMS, aggregate, check_args, common_args, execute, hparams
 
 
@@ -72,9 +72,7 @@ def main(argv=None) -> int:
                "hparams": hparams(args.size, record["device_type"], SIZE_HPARAMS),
                "overrides": {"lr": args.lr, "dropout": args.dropout}, "rows": rows}
     atomic_write_json(run_dir / "summary.json", summary)
-    print()
-    report_run(run_dir / "summary.json")
-    print(f"\nWall time {record['total_wall_s']:.1f} s. Summary: {run_dir / 'summary.json'}")
+    show_run(run_dir / "summary.json", record["total_wall_s"])
     return 0
 
 

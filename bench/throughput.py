@@ -4,6 +4,8 @@ the matmul peak measured in the same run, and the kernel that ran recorded from 
 
     python -m bench.throughput                       # default grid, JSON + markdown + plot
     python -m bench.throughput --seqs 1024,4096 --variants mha,sqa --modes forward --list
+    python -m bench.throughput --families sdpa,flash --op-families sdpa-cudnn,flash \
+        --op-modes forward,train                     # FlashAttention-4 beside cuDNN
 
 Results go to bench/results/throughput_<time>.json (rewritten after every case, so a killed run
 keeps what it measured); at the end `python -m bench.report --run` writes the run's .md table
@@ -12,7 +14,6 @@ and log-log .png beside it and prints its criteria."""
 from __future__ import annotations
 
 import argparse
-import gc
 import pathlib
 import random
 import sys
@@ -20,10 +21,12 @@ import time
 
 import torch
 
-from bench.common import atomic_write_json, matmul_peak_tflops, report_run, run_record, time_fn
+from bench.common import atomic_write_json, matmul_peak_tflops, report_run, run_record
 from bench.throughput_cases import (MODEL_FAMILIES, MODELS, OP_FAMILIES, SDPA_FORCE, TRAIN_MODES,
-                                    build_case, head_dim_of, n_heads_of, profile_kernels)
+                                    WINDOW_FAMILIES, head_dim_of, n_heads_of, run_case)
+from sqt import flash
 from sqt.config import parse_layer
+from sqt.kernels import AUTO_FLASH
 from sqt.utils import allow_many_recompiles
 from sqt.accounting import attention_flops, forward_flops
 
@@ -31,6 +34,8 @@ DEFAULT_SEQS = (1024, 4096, 32768, 131072, 200000)
 DEFAULT_VARIANTS = ("mha", "gqa", "mqa", "sqa", "ssqa", "xsqa", "xsmqa", "lsqa",
                     "mha@128", "mha@4096", "sqa@128")
 DEFAULT_MODELS = ("paper", "attn16", "attn64", "attn128")
+# FlashAttention-4 (the flash families) is an optional install: asked for by name.
+DEFAULT_FAMILIES = ("sdpa", "flex")
 # Forced SDPA kernels are only shown at the op level, where they answer "what can each kernel
 # reach"; the model-level sdpa family is pinned to one kernel by --sdpa-kernel.
 DEFAULT_OP_FAMILIES = ("sdpa-flash", "sdpa-cudnn", "flex")
@@ -42,6 +47,8 @@ DEFAULT_SUBSETS = {
     "flex_train_variants": ("mha", "mha@128", "sqa@128"),
     "op_variants": ("mha", "gqa", "sqa", "ssqa", "xsqa", "mha@128"),
     "op_flex_variants": ("mha",),
+    "flash_variants": ("mha", "gqa", "sqa", "xsqa", "mha@128", "sqa@128"),
+    "op_flash_variants": ("mha", "gqa", "xsqa", "mha@128"),
 }
 # The SQA paper's batches (its Table 3): 131072 tokens per step, at least one sequence.
 PAPER_TOKENS_PER_STEP = 131072
@@ -75,10 +82,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "in the backward: fits longer sequences)")
     p.add_argument("--models", default=",".join(DEFAULT_MODELS),
                    help=f"from {', '.join(MODELS)}")
-    p.add_argument("--families", default=",".join(MODEL_FAMILIES),
-                   help="model-level attention backends (sdpa, flex)")
+    p.add_argument("--families", default=",".join(DEFAULT_FAMILIES),
+                   help=f"model-level attention backends, from {', '.join(MODEL_FAMILIES)}")
     p.add_argument("--op-families", default=",".join(DEFAULT_OP_FAMILIES),
                    help=f"op-level kernels, from {', '.join(OP_FAMILIES)}")
+    p.add_argument("--op-modes", default="forward",
+                   help="op-level modes: forward, train (the op's forward and backward)")
+    p.add_argument("--layer-memory-seqs", default="131072",
+                   help="lengths at which model cases also measure one layer's peak memory "
+                        "beside the unfused layout (CUDA only; 'all', or 'none')")
     for name, default in DEFAULT_SUBSETS.items():
         p.add_argument("--" + name.replace("_", "-"), default=",".join(default),
                        help="subset of --variants for that part ('all' for every one)")
@@ -108,9 +120,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not a.seqs or min(a.seqs) < 1:
         raise ValueError(f"--seqs={a.seqs}: expected positive integers")
     a.batches = {int(k): int(v) for k, v in (kv.split(":") for kv in _csv(a.batches))}
-    for name in ("variants", "modes", "models", "families", "op_families"):
+    for name in ("variants", "modes", "models", "families", "op_families", "op_modes"):
         setattr(a, name, _csv(getattr(a, name)))
+    memory = a.layer_memory_seqs.strip()
+    a.layer_memory_seqs = None if memory == "all" else set() if memory == "none" else {
+        int(s) for s in _csv(memory)}
     _check_choices("--modes", a.modes, TRAIN_MODES + ("forward",))
+    _check_choices("--op-modes", a.op_modes, ("forward", "train"))
     _check_choices("--models", a.models, tuple(MODELS))
     _check_choices("--families", a.families, MODEL_FAMILIES)
     _check_choices("--op-families", a.op_families, OP_FAMILIES)
@@ -131,13 +147,18 @@ def batch_for(seq: int, overrides: dict) -> int:
     return max(1, PAPER_TOKENS_PER_STEP // seq)
 
 
-def _wanted(a, op: bool, mode: str, family: str, variant: str, window) -> bool:
-    if window and family != "flex":
-        return False            # no sliding-window SDPA kernel: that row lives on flex
+def _wanted(a, op: bool, mode: str, family: str, variant: str, window, head_dim: int) -> bool:
+    if window and family not in WINDOW_FAMILIES:
+        return False            # no sliding-window SDPA kernel: that row lives on flex, flash
+    if family == "flash" and mode in TRAIN_MODES and head_dim not in flash.BACKWARD_CHECKED:
+        return False            # FA4's backward is refused there (wrong at head dim 16)
     if op:
-        subset = a.op_flex_variants if family == "flex" else a.op_variants
+        subset = {"flex": a.op_flex_variants, "flash": a.op_flash_variants}.get(
+            family, a.op_variants)
     elif family == "flex":
         subset = a.flex_train_variants if mode in TRAIN_MODES else a.flex_variants
+    elif family == "flash":
+        subset = a.flash_variants
     else:
         return True
     return variant in subset
@@ -151,11 +172,11 @@ def plan(a) -> list[dict]:
     blocks: dict[tuple, list] = {}
     for model in a.models:
         op = MODELS[model]["kind"] == "op"
-        for mode in (["forward"] if op else a.modes):
+        for mode in (a.op_modes if op else a.modes):
             for family in (a.op_families if op else a.families):
                 for variant in a.variants:
                     window = parse_layer(variant, n_heads_of(model)).window
-                    if not _wanted(a, op, mode, family, variant, window):
+                    if not _wanted(a, op, mode, family, variant, window, head_dim_of(model)):
                         continue
                     for seq in a.seqs:
                         if mode in TRAIN_MODES and a.train_max_seq and seq > a.train_max_seq:
@@ -193,61 +214,6 @@ def _work(c: dict) -> float:
     from bench.throughput_cases import model_config
     cfg = model_config(c["model"], c["seq"], c["family"]).with_layers(c["variant"])
     return forward_flops(cfg, c["batch"], c["seq"])
-
-
-def _release(device) -> None:
-    # Free the case's model, optimizer state and cached blocks before the next case, so its peak
-    # memory (and an OOM's leftovers) cannot leak into the next one. Nothing to return on a CPU.
-    if device.type == "cuda":
-        gc.collect()
-        torch.cuda.empty_cache()
-
-
-def run_case(c: dict, a, device, profile: bool) -> dict:
-    """Build, warm up, time and (optionally) profile one case. Never raises for an OOM or a
-    kernel that refuses the shape: the outcome is the record."""
-    oom_error = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-    case = None
-    try:
-        case = build_case(c["model"], c["mode"], c["family"], c["variant"], c["seq"],
-                          c["batch"], device, a.sdpa_force, a.seed + c["order"])
-        if device.type == "cuda":
-            # Peak from here: weights, inputs and optimizer state count; mask set-up does not.
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
-        case.fn()                                 # first call: compiles flex, allocates
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        first = time.perf_counter() - t0
-        # The first call is a warm-up already; short steps get more (clocks, allocator), and a
-        # flex step one more after its compile. Long steps are dominated by the kernel itself.
-        warm = 3 if first < 0.25 else (1 if c["family"] == "flex" or first < 1.0 else 0)
-        t = time_fn(case.fn, device, warmup=warm, repeats=a.repeats, max_seconds=a.max_seconds)
-        out = {"status": "ok", "timing": t, "seconds": t["median_ms"] / 1e3,
-               "first_call_s": first, "warmup_calls": 1 + warm}
-        if device.type == "cuda":
-            out["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        if profile:
-            out.update(profile_kernels(case.fn, device))
-    except oom_error as e:
-        out = {"status": "oom", "reason": str(e).splitlines()[0][:300]}
-    except (RuntimeError, ValueError, NotImplementedError) as e:
-        # e.g. a forced SDPA kernel that does not support the shape: recorded, run goes on.
-        msg = str(e).strip().splitlines()
-        out = {"status": "error", "reason": f"{type(e).__name__}: {(msg or [''])[0][:300]}"}
-    finally:
-        spec_info = None
-        if case is not None:
-            spec_info = dict(spec=case.spec.name, n_q_heads=case.spec.n_q_heads,
-                             n_kv_heads=case.spec.n_kv_heads, window=case.spec.window,
-                             head_dim=case.head_dim, attn_flops=case.attn_flops,
-                             step_flops=case.step_flops, **case.info)
-        del case
-        _release(device)
-    if spec_info:
-        out.update(spec_info)
-    return out
 
 
 def _skip_reason(c, elapsed, a, done) -> str | None:
@@ -304,9 +270,12 @@ def main(argv=None) -> dict:
         "settings": {
             "argv": list(sys.argv[1:] if argv is None else argv),
             "seqs": a.seqs, "variants": a.variants, "modes": a.modes, "models": a.models,
-            "families": a.families, "op_families": a.op_families,
+            "families": a.families, "op_families": a.op_families, "op_modes": a.op_modes,
             **{name: sorted(getattr(a, name)) for name in DEFAULT_SUBSETS},
             "train_max_seq": a.train_max_seq, "sdpa_kernel": a.sdpa_force,
+            "auto_flash": {str(hd): {"min_seq_forward": w.min_seq_forward,
+                                     "min_seq_train": w.min_seq_train}
+                           for hd, w in AUTO_FLASH.items()},
             "repeats": a.repeats, "max_seconds": a.max_seconds,
             "budget_seconds": a.budget_seconds, "seed": a.seed,
             "forward": "model.eval(), torch.inference_mode(), bf16 autocast (fp32 weights)",
@@ -315,8 +284,21 @@ def main(argv=None) -> dict:
             "train-ckpt": "as train, with every block recomputed in the backward "
                           "(LMConfig.checkpoint_blocks); FLOPs credited without the recompute",
             "op": "sqt.kernels.attend on random bf16 q/k/v, causal, inference_mode",
+            "op_method": "q, k, v are (B, H, T, D) views of one (B, T, W) buffer, as the "
+                         "model's fused projection makes them; op train: forward and backward, "
+                         "FLOPs credited 3.5x the forward's (FlashAttention's count)",
             "compiled": "model not compiled (eager PyTorch); FlexAttention compiled per shape "
-                        "by sqt.kernels (compile time excluded: first call)",
+                        "by sqt.kernels, FlashAttention-4 per head dim and head ratio by its "
+                        "own JIT (compile time excluded: first call)",
+            "weights": "one seed per (model, variant, length, batch): every family and mode of "
+                       "a cell starts from the same weights and batch (first_step_loss, "
+                       "first_step_grad_norm: the first training step's, before any update)",
+            "layer_memory": "layer_mem_mib: peak memory above weights and input of the first "
+                            "layer alone (sqt's fused layer, and the same layer unfused: three "
+                            "projections, RoPE into new tensors, same op), inference-mode forward "
+                            "or forward+backward, bf16 autocast, at lengths "
+                            + ("all" if a.layer_memory_seqs is None else
+                               ",".join(map(str, sorted(a.layer_memory_seqs))) or "none"),
         },
         "models": {m: dict(MODELS[m], n_heads=n_heads_of(m), head_dim=head_dim_of(m))
                    for m in a.models},
@@ -362,8 +344,12 @@ def _print_case(r: dict) -> None:
     tflops = r["step_flops"] / r["seconds"] / 1e12
     mem = f" {r['peak_mem_gib']:.1f} GiB" if "peak_mem_gib" in r else ""
     kern = f" [{r['kernel_family']}]" if "kernel_family" in r else ""
+    loss = f" loss {r['first_step_loss']:.5f}" if "first_step_loss" in r else ""
+    layer = r.get("layer_mem_mib", {})
+    layer = (f" layer {layer['sqt']:.0f}/{layer['unfused']:.0f} MiB (fused/unfused)"
+             if "sqt" in layer else f" layer memory {layer['status']}" if layer else "")
     print(head + f"{r['seconds']:.4f} s (IQR {t['q1_ms']/1e3:.4f}-{t['q3_ms']/1e3:.4f}, "
-          f"n={t['n']}) {tflops:.1f} TFLOP/s{mem}{kern}", flush=True)
+          f"n={t['n']}) {tflops:.1f} TFLOP/s{mem}{kern}{loss}{layer}", flush=True)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,12 @@ import torch
 from sqt import LMConfig, TransformerLM
 
 # Every named variant plus the mixes a researcher would build: windows, SQT with fewer query
-# heads, the static rotary query, a per-layer hybrid.
+# heads, the static rotary query, the parameter-free controls with other head layouts, a
+# per-layer hybrid.
 LAYER_CASES = [
-    "mha", "gqa", "mqa", "sqa", "ssqa", "xsqa", "xsmqa", "lsqa", "rsqa", "sqt", "srq",
-    "mha@3", "sqa@5", "table:xsqa", "rotary:gqa", ("sqt", "xsqa"), ("mha@4", "rsqa"),
+    "mha", "gqa", "mqa", "sqa", "ssqa", "xsqa", "xsmqa", "lsqa", "rsqa", "sqt", "srq", "idq",
+    "rndq", "mha@3", "sqa@5", "table:xsqa", "rotary:gqa", "identity:xsqa", "random:gqa",
+    ("sqt", "xsqa"), ("mha@4", "rsqa"), ("idq", "random:rsqa"),
 ]
 
 

@@ -29,12 +29,13 @@ def test_param_count_matches_formula(block, layers, tie):
 def test_linear_flops_are_twice_the_matmul_weights(block, layers, tie):
     m = build(block, layers, tie_embeddings=tie)
     weights = sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, torch.nn.Linear))
-    assert linear_flops_per_token(m.config) == 2 * weights
+    frozen = sum(b.numel() for n, b in m.named_buffers() if n.endswith("q_random"))
+    assert linear_flops_per_token(m.config) == 2 * (weights + frozen)
 
 
 @pytest.mark.parametrize("block", BLOCKS)
-@pytest.mark.parametrize("layers", ["mha", "gqa", "sqa", "rsqa", "sqt", ("sqt", "xsmqa")],
-                         ids=case_id)
+@pytest.mark.parametrize("layers", ["mha", "gqa", "sqa", "rsqa", "sqt", ("sqt", "xsmqa"),
+                                    ("idq", "random:sqa")], ids=case_id)
 def test_forward_flops_match_torch_flop_counter(block, layers):
     """The eager backend computes every (query, key) pair, masked or not, so torch's counter
     sees the linear FLOPs plus the attention FLOPs without the causal discount."""
@@ -66,14 +67,15 @@ def test_kv_bytes_per_token_are_what_the_cache_holds_per_position(layers, dtype)
 
 
 def _decode_read_bytes(model, batch: int) -> int:
-    """A decode step reads every weight matrix once and, of the lookup tables, one row per
-    sequence: counted from the model's own parameters."""
+    """A decode step reads every weight matrix once (frozen random query matrices too) and, of
+    the lookup tables, one row per sequence: counted from the model's own tensors."""
     size = model.tok_emb.weight.element_size()
     lookups = {id(model.tok_emb.weight)} | {id(p) for n, p in model.named_parameters()
                                             if n.endswith(("pos_emb.weight", "q_table"))}
     total = 0
     for p in model.parameters():
         total += batch * p[0].numel() if id(p) in lookups else p.numel()
+    total += sum(b.numel() for n, b in model.named_buffers() if n.endswith("q_random"))
     if model.config.tie_embeddings:      # the head reads the whole shared matrix as well
         total += model.lm_head.weight.numel()
     return total * size

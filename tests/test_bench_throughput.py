@@ -126,3 +126,55 @@ def test_attention_kernel_names_keep_every_backends_attention_and_nothing_else()
                  "aten::_scaled_dot_product_flash_attention_for_cpu"]
     other = ["ampere_bf16_s16816gemm_bf16_128x128", "aten::addmm", "vectorized_elementwise"]
     assert attention_kernel_names(attention + other + attention) == sorted(attention)
+
+
+def test_op_training_and_one_seed_per_cell(toy, tmp_path):
+    """The op runs forward and backward; every mode of a cell starts from the same weights and
+    batch, so the plain and the checkpointed step report the same first-step loss."""
+    args = TINY_ARGS[:]
+    args[args.index("mha,sqa,gqa")] = "mha,sqa"
+    result = throughput.main(args + ["--out", str(tmp_path), "--modes", "train,train-ckpt",
+                                     "--op-modes", "forward,train"])
+    cases = result["cases"]
+    op = {(c["mode"], c["variant"]): c for c in cases if c["model"] == "attn16"}
+    assert {c["status"] for c in op.values()} == {"ok"} and len(op) == 4
+    # FlashAttention's count: the backward is 2.5 forwards.
+    assert op[("train", "mha")]["step_flops"] == 3.5 * op[("forward", "mha")]["step_flops"]
+    for v in ("mha", "sqa"):
+        plain, ckpt = (next(c for c in cases if c["model"] == "toy" and c["variant"] == v
+                            and c["mode"] == m) for m in ("train", "train-ckpt"))
+        assert plain["first_step_loss"] == pytest.approx(ckpt["first_step_loss"], rel=1e-6)
+        assert plain["first_step_grad_norm"] > 0
+    assert "attn16 · train · sdpa" in markdown_section(tmp_path)
+
+
+def test_flash_where_it_cannot_run_is_a_recorded_error(toy, tmp_path):
+    result = throughput.main(TINY_ARGS + ["--out", str(tmp_path), "--families", "flash",
+                                          "--op-families", "flash", "--modes", "forward"])
+    assert result["cases"] and all(c["status"] == "error" and "backend='flash'" in c["reason"]
+                                   for c in result["cases"])
+
+
+def test_plan_runs_windows_on_flash_and_no_flash_backward_at_head_dim_16():
+    a = throughput.parse_args(["--models", "paper,wide64,attn16,attn128", "--seqs", "1024",
+                               "--variants", "mha,mha@128", "--families", "sdpa,flash",
+                               "--op-families", "sdpa-cudnn,flash", "--op-modes",
+                               "forward,train", "--flash-variants", "all",
+                               "--op-flash-variants", "all"])
+    cells = {(c["model"], c["mode"], c["family"], c["variant"]) for c in throughput.plan(a)}
+    assert ("wide64", "train", "flash", "mha@128") in cells
+    assert ("attn128", "train", "flash", "mha@128") in cells
+    assert not any(f == "sdpa" and "@" in v for _, _, f, v in cells)
+    # head dim 16 (the paper model, attn16): flash forward only.
+    assert ("paper", "forward", "flash", "mha") in cells and ("attn16", "forward", "flash",
+                                                               "mha") in cells
+    assert not any(m in ("paper", "attn16") and f == "flash" and mode != "forward"
+                   for m, mode, f, _ in cells)
+
+
+def test_flash_kernels_are_their_own_family():
+    fa4 = ("kernel_cutlass_kernel_flash_attncuteflash_fwd_sm90FlashAttentionForwardSm90_object_at"
+           "__tensor0000o11101213")
+    assert kernel_kind(fa4) == "flash"
+    assert kernel_family([fa4, "kernel_cutlass_kernel_flash_attncuteflash_bwd_preprocess"]) \
+        == "flash"

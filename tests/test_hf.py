@@ -43,6 +43,8 @@ CASES = [
     Case("lsqa", LLAMA, (8, 2)),            # 6 query heads do not divide d=64: 2 dead heads
     Case("rsqa", LLAMA, (4, 4)),            # 2 query heads over 4 K/V heads: rows duplicated
     Case("srq", LLAMA, (8, 8)),             # the rotary vector as a q bias, zero weights
+    Case("identity:xsqa", LLAMA, (2, 2)),   # W_q = [I 0]
+    Case("rndq", LLAMA, (8, 8), extra=(("query_seed", 3),)),   # the frozen matrix as W_q
     Case("gqa", LLAMA, (8, 2), tie=True, extra=(("rope_base", 500.0), ("norm_eps", 1e-6))),
     Case("sqa@16", QWEN2, (4, 2)),
     Case("rotary:gqa@8", QWEN2, (8, 2)),
@@ -142,16 +144,28 @@ def test_plain_hf_model_imports_with_equal_logits(family, heads, layers, tmp_pat
         torch.testing.assert_close(model(x), hf(x).logits, atol=1e-5, rtol=0)
 
 
-def test_a_padded_export_changed_in_hf_imports_as_its_hf_layout(tmp_path):
-    # Fine-tuning in HF can bring a dead head to life; the result is still a GQA model.
-    export_hf(sqt_model("lsqa"), tmp_path)
+def _dead_head_comes_to_life(hf):
+    hf.model.layers[0].self_attn.o_proj.weight[:, 3 * 8:4 * 8] = 0.1   # head 3 was dead
+
+
+def _query_is_trained(hf):
+    hf.model.layers[1].self_attn.q_proj.weight[0, 0] += 0.5
+
+
+@pytest.mark.parametrize("layers, edit, back", [
+    ("lsqa", _dead_head_comes_to_life, "gqa"),   # fine-tuning in HF revived a padded head
+    ("idq", _query_is_trained, "mha"),           # a control whose W_q HF trained is a projection
+    ("rndq", _query_is_trained, "mha"),
+], ids=["padded", "identity", "random"])
+def test_an_export_changed_in_hf_imports_as_its_hf_layout(layers, edit, back, tmp_path):
+    export_hf(sqt_model(layers), tmp_path)
     hf = hf_load(tmp_path)
     with torch.no_grad():
-        hf.model.layers[0].self_attn.o_proj.weight[:, 3 * 8:4 * 8] = 0.1  # head 3 is dead
+        edit(hf)
     hf.save_pretrained(tmp_path)
     with pytest.warns(UserWarning, match="no longer have that structure"):
         model, _ = import_hf(tmp_path)
-    assert model.config.layers == "gqa"
+    assert model.config.layers == back
     x = torch.randint(0, VOCAB, (1, SEQ))
     with torch.no_grad():
         torch.testing.assert_close(model(x), hf(x).logits, atol=1e-5, rtol=0)

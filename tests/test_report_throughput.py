@@ -174,3 +174,67 @@ def test_paper_table_and_criteria_render_from_synthetic_cases():
     md = render_markdown(result)                               # analysed where it renders
     assert "| 200,000 (1) | 0.8194 / 0.2500 |" in md          # paper / ours, xSQA column
     assert "Matched comparisons" in md and "SQA vs GQA" in md
+
+
+def flash_run(flash_train_s=1.0, lost_at=1024):
+    """A synthetic run with flash beside cuDNN: op rows, training steps, layer memory."""
+    def c(part, model, mode, family, seq, seconds, variant="mha", hd=128, **kw):
+        return dict(part=part, model=model, mode=mode, family=family, seq=seq, batch=1,
+                    variant=variant, status="ok", seconds=seconds, step_flops=900e12,
+                    n_q_heads=16, n_kv_heads=16, head_dim=hd, **kw)
+    cases = []
+    for seq in (32768, 131072):
+        cases += [c("op", "attn128", "forward", "flash", seq, 1.0),
+                  c("op", "attn128", "forward", "sdpa-cudnn", seq, 1.2),
+                  c("op", "attn128", "train", "flash", seq, 900 / 700),
+                  c("model", "wide128", "train-ckpt", "sdpa", seq, 1.2, hd=128,
+                    first_step_loss=9.2101),
+                  c("model", "wide128", "train-ckpt", "flash", seq, flash_train_s, hd=128,
+                    first_step_loss=9.2100),
+                  c("model", "paper", "forward", "sdpa", seq, 0.5, hd=16,
+                    layer_mem_mib={"sqt": 300.0, "unfused": 454.0})]
+    cases += [c("op", "attn128", "forward", "flash", lost_at, 1.0),
+              c("op", "attn128", "forward", "sdpa-cudnn", lost_at, 0.8)]
+    return {"run": {}, "cases": cases, "matmul_peak_tflops": {"start": 1000.0, "end": 1000.0},
+            "settings": {"repeats": 3, "max_seconds": 1, "forward": "f", "train": "t",
+                         "compiled": "c", "sdpa_kernel": "cudnn",
+                         "auto_flash": {"128": {"min_seq_forward": 32768,
+                                                "min_seq_train": 4096}}},
+            "complete": True}
+
+
+def test_flash_criteria_follow_the_numbers():
+    found = {k["name"]: k for k in analyse(flash_run())["criteria"]}
+    op_fwd = found["FlashAttention-4 op, head dim 128, causal MHA, forward, 32k-131k: share of "
+                   "the matmul peak"]
+    assert op_fwd["status"] == "PASS" and "32,768: 90% (cuDNN 75%)" in op_fwd["measured"]
+    assert found["FlashAttention-4 op, head dim 128, causal MHA, forward+backward, 32k-131k: "
+                 "share of the matmul peak"]["status"] == "MISS"        # 70 % < 75 %
+    train = found["wide128 MHA training step, flash over cuDNN, 32k and 131k"]
+    assert train["status"] == "PASS" and "1.20x, loss 9.21000 vs 9.21010" in train["measured"]
+    assert found["wide64 MHA training step, flash over cuDNN, 32k and 131k"]["status"] == "N/A"
+    memory = found["One layer's forward peak memory at 131,072 tokens, fused Q/K/V beside the "
+                   "unfused layout"]
+    assert memory["status"] == "PASS" and "300 vs 454 MiB" in memory["measured"]
+    auto = found["auto never picks flash where it lost to cuDNN in this run (full causal rows)"]
+    assert auto["status"] == "PASS" and auto["measured"].startswith("1 cells slower")
+    slow = {k["name"]: k for k in analyse(flash_run(flash_train_s=1.15, lost_at=65536))[
+        "criteria"]}
+    assert slow["wide128 MHA training step, flash over cuDNN, 32k and 131k"]["status"] == "MISS"
+    assert slow["auto never picks flash where it lost to cuDNN in this run (full causal "
+                "rows)"]["status"] == "MISS"
+
+
+def test_flash_sections_render_and_say_where_flash_loses():
+    md = render_markdown(flash_run())
+    assert "### FlashAttention-4 beside cuDNN" in md
+    assert "| op · attn128 · forward · MHA |" in md
+    assert "Where flash loses: attn128 forward MHA 1,024 (0.80x)" in md
+    assert "### One layer's peak memory beside the unfused layout" in md and "300 / 454" in md
+
+
+def test_runs_without_flash_or_memory_keep_their_criteria():
+    cases = [case("mha", 1.0, seq=200000, batch=1), case("xsqa", 0.3, seq=200000, batch=1)]
+    names = [k["name"] for k in criteria({"matmul_peak_tflops": {"start": 100.0}},
+                                         add_speedups(cases))]
+    assert not any("FlashAttention-4" in n or "peak memory" in n for n in names)

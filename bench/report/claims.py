@@ -53,3 +53,14 @@ SPEEDUP_OVER_MHA = {"xsqa": 3.8, "sqa": 1.9}   # paper model, forward; ceilings 
 MHA_TIME_OF_PAPER = 0.5           # our MHA forward at most this fraction of the paper's time
 PEAK_FRACTION = 0.70              # head dim 128 attention kernel: share of the matmul peak
 DECODE_TARGETS = {"small_b1_us_per_token": 150.0, "speedup_vs_hf": 5.0}
+
+# FlashAttention-4 beside cuDNN (its issue's targets): the attention op's share of the matmul peak
+# measured in the same run, causal, at 32k-131k tokens, per head dim and pass (forward; train =
+# forward and backward); the realistic-width models' training step on flash over cuDNN with the
+# same loss; one layer's forward peak memory at 131k no more than the unfused layout's.
+FLASH_SEQS = (32768, 131072)
+FLASH_OP_PEAK = {128: {"forward": 0.85, "train": 0.75}, 64: {"forward": 0.65, "train": 0.65}}
+FLASH_TRAIN_SPEEDUP = 1.10
+FLASH_TRAIN_CELLS = {"models": ("wide64", "wide128"), "variants": ("mha", "xsqa")}
+LOSS_RTOL = 2 ** -7               # "the same loss": within bf16's relative precision
+MEMORY_SEQ = 131072

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .notes import run_notes, with_file_notes
-from .sections import decode, hparam_probes, layer_sweep, sweep_glance, sweeps, throughput
+from .sections import (decode, hparam_probes, layer_sweep, query, sweep_glance, sweeps,
+                       throughput)
 from .sources import sweep_summaries
 
 # The document, top to bottom. A new section: one module under sections/ and one entry here.
@@ -20,6 +21,7 @@ SECTIONS: list[Callable[["Context"], Optional[str]]] = [
     layer_sweep.section,       # the layer sweep
     throughput.section,        # long-sequence throughput: criteria, newest cells, every run
     decode.section,            # decode: engine vs eager loop vs Hugging Face
+    query.section,             # what the query buys: probe, conversions, controls
 ]
 
 NO_RESULTS = ("No results yet: run `python -m bench.sweep` and `python -m bench.layer_sweep` "

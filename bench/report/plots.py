@@ -47,7 +47,7 @@ def throughput_plot(result: dict, path: Path) -> str:
     variants = list(dict.fromkeys(c["variant"] for c in cases))
     colors = {v: plt.cm.tab20(i % 20) for i, v in enumerate(variants)}
     for ax, mode in zip(axes[0], modes):
-        for fam, style in (("sdpa", "-"), ("flex", "--")):
+        for fam, style in (("sdpa", "-"), ("flex", "--"), ("flash", "-.")):
             for v in variants:
                 pts = sorted((c["seq"], c["seconds"]) for c in cases
                              if c["mode"] == mode and c["family"] == fam and c["variant"] == v)
@@ -96,3 +96,60 @@ def learning_curves(runs: list[dict], path: Path) -> str:
 def written(note: Optional[str]) -> bool:
     """Whether a figure function's answer is a written file (not a reason for skipping)."""
     return bool(note) and note.endswith(".png")
+
+
+def _band(ax, xs, cells, style, color, label_text):
+    ys = [c["mean"] for c in cells]
+    ax.errorbar(xs, ys, yerr=[c["std"] or 0 for c in cells], fmt=style, color=color,
+                capsize=3, ms=4, label=label_text)
+
+
+def query_static_plot(summary: dict, path: Path) -> str:
+    """Δ loss against the number k of static-table layers, the most and the least positional
+    first, before and after the fine-tune (mean ± std over seeds)."""
+    plt = pyplot()
+    if plt is None:
+        return SKIPPED
+    rows = summary["static"]["rows"]
+    ks = [r["k"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for which, color in (("most", "C0"), ("least", "C3")):
+        _band(ax, ks, [r[which]["delta_before"] for r in rows], "--o", color,
+              f"{which} positional, as converted")
+        _band(ax, ks, [r[which]["delta_after"] for r in rows], "-s", color,
+              f"{which} positional, fine-tuned")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set(xlabel="static-table layers k", ylabel="Δ val loss vs MHA (nats / token)",
+           title=f"{summary['preset']}: which layers tolerate a static query", xticks=ks)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, plt, path)
+
+
+def query_uptrain_plot(summary: dict, path: Path) -> str:
+    """Val loss against uptraining tokens (fraction of the base budget), one panel per target:
+    each conversion method's curve from 'as converted' (0), the from-scratch runs at the base
+    budget plus the same extra, and the MHA base."""
+    plt = pyplot()
+    if plt is None:
+        return SKIPPED
+    up = summary["uptrain"]
+    targets = list(dict.fromkeys(r["target"] for r in up["rows"]))
+    if not targets:
+        return "skipped (no conversions)"
+    fig, axes = plt.subplots(1, len(targets), figsize=(5.5 * len(targets), 4), squeeze=False)
+    for ax, target in zip(axes[0], targets):
+        for i, r in enumerate(x for x in up["rows"] if x["target"] == target):
+            xs = [0.0] + [p["fraction"] for p in r["fractions"]]
+            _band(ax, [100 * x for x in xs], [r["converted"]] + [p["loss"] for p in r["fractions"]],
+                  "-o", f"C{i}", f"converted ({r['method']}) + uptraining")
+        pts = [s for s in up["scratch"] if s["target"] == target]
+        if pts:
+            _band(ax, [100 * s["fraction"] for s in pts], [s["loss"] for s in pts], "*", "k",
+                  "from scratch, base + extra budget")
+        ax.axhline(up["mha"]["loss"]["mean"], color="grey", ls=":", label="MHA base")
+        ax.set(xlabel="uptraining tokens (% of the base budget)", ylabel="val loss (nats/token)",
+               title=f"MHA → {label(target)}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, plt, path)

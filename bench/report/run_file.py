@@ -8,21 +8,21 @@ from pathlib import Path
 from typing import Optional
 
 from .plots import learning_curves, throughput_plot
-from .sections import decode, layer_sweep, sweeps
+from .sections import decode, layer_sweep, query, sweeps
 from .sections.throughput_analysis import analyse, criteria_lines
 from .sections.throughput_run import render_markdown as throughput_markdown
 from .sources import load_json, summary_path
 
 
 def kind_of(path: Path, data: dict) -> str:
-    """throughput, decode, sweep or layer_sweep, from the file's name or its `kind` field."""
+    """throughput, decode, sweep, layer_sweep or query, from the file's name or its `kind`."""
     for kind in ("throughput", "decode"):
         if path.name.startswith(kind + "_"):
             return kind
-    if path.name == "summary.json" and data.get("kind") in ("sweep", "layer_sweep"):
+    if path.name == "summary.json" and data.get("kind") in ("sweep", "layer_sweep", "query"):
         return data["kind"]
     raise ValueError(f"--run {str(path)!r}: expected a throughput_*.json, a decode_*.json, or a "
-                     "sweep or layer-sweep run folder (or its summary.json)")
+                     "sweep, layer-sweep or query run folder (or its summary.json)")
 
 
 def render_run(path, *, doc_dir: Optional[Path] = None, plot: bool = True) -> tuple[str, list]:
@@ -47,6 +47,8 @@ def render_run(path, *, doc_dir: Optional[Path] = None, plot: bool = True) -> tu
         return decode.render_markdown(data, str(path)), console
     if kind == "layer_sweep":
         return layer_sweep.layer_section(data, path), console
+    if kind == "query":   # its figures beside its summary.json
+        return query.query_section(data, path, path.parent if plot else None), console
     if plot:
         runs = [load_json(path.parent / r, made_by="bench.sweep") for r in data["runs"]]
         console.append(f"plot: {learning_curves(runs, path.parent / sweeps.CURVES)}")

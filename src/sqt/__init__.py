@@ -1,6 +1,8 @@
 """sqt: the query side of attention. One Transformer LM in which every layer chooses where its
-queries come from (projection, static table, static rotary vector) and how many query and key/value
-heads it has (MHA, GQA, MQA and the Sparse Query Attention family)."""
+queries come from (projection, static table, static rotary vector, or the identity and frozen
+random controls) and how many query and key/value heads it has (MHA, GQA, MQA and the Sparse Query
+Attention family). `sqt.probe` measures what a trained model's queries do; `sqt.convert` turns one
+variant into another."""
 
 from .accounting import active_param_count, param_count
 from .attention import Attention, KVCache, attention_layer

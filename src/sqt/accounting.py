@@ -22,8 +22,9 @@ def param_count(cfg: LMConfig) -> int:
             total += d * q_out + bias * q_out
         elif spec.query == "table":
             total += cfg.max_seq_len * q_out
-        else:
+        elif spec.query == "rotary":
             total += q_out                              # one vector per head, rotated by RoPE
+        # identity and random queries train nothing (random's matrix is a frozen buffer)
         total += 2 * (d * kv_out + bias * kv_out)       # keys and values (in qkv_proj)
         total += spec.n_attn_heads * hd * d + bias * d  # o_proj
         total += feed_forward_params(cfg)               # MLP, or router + experts
@@ -70,6 +71,17 @@ def attention_flops(spec: LayerSpec, head_dim: int, batch: int, q_len: int, *,
     return 4.0 * batch * heads * head_dim * pairs
 
 
+# FlashAttention's benchmarks credit the backward with 2.5 forwards: it runs five matmuls of the
+# forward's size (recomputed scores, dV, dP, dQ, dK) to the forward's two.
+ATTENTION_BACKWARD_FACTOR = 2.5
+
+
+def attention_train_flops(spec: LayerSpec, head_dim: int, batch: int, q_len: int) -> float:
+    """Forward plus backward FLOPs of one layer's causal attention op, counted as FlashAttention
+    counts them (see ATTENTION_BACKWARD_FACTOR)."""
+    return (1.0 + ATTENTION_BACKWARD_FACTOR) * attention_flops(spec, head_dim, batch, q_len)
+
+
 def sum_visible_keys(q_len: int, offset: int, window: int | None) -> float:
     """Number of (query, key) pairs a causal (windowed) mask lets through, queries at positions
     offset .. offset+q_len-1."""
@@ -90,7 +102,8 @@ def linear_flops_per_token(cfg: LMConfig) -> float:
     d, hd = cfg.d_model, cfg.head_dim
     total = 0.0
     for spec in cfg.layer_specs():
-        q = d * spec.n_q_heads * hd if spec.query == "proj" else 0
+        # A frozen random query is still a matmul; the identity query is a slice of the input.
+        q = d * spec.n_q_heads * hd if spec.query in ("proj", "random") else 0
         kv = 2 * d * spec.n_kv_heads * hd
         o = spec.n_attn_heads * hd * d
         mlp = (feed_forward_params(cfg, active=True) if cfg.n_experts else
@@ -119,16 +132,19 @@ def kv_bytes_per_token(cfg: LMConfig, *, bytes_per_element: int) -> int:
 
 def weight_bytes_per_decode_step(cfg: LMConfig, batch: int, *, bytes_per_element: int) -> int:
     """Bytes of parameters a decode step (one new token for each of `batch` sequences) reads:
-    every matrix once; of each lookup table (token and position embeddings, static query tables)
+    every matrix once (frozen random query matrices included); of each lookup table (token and position embeddings, static query tables)
     only the rows of the current tokens. A tied LM head reads the whole embedding matrix, so
     tying the embeddings changes nothing here."""
     d, hd = cfg.d_model, cfg.head_dim
     tables, row = cfg.vocab_size * d, d                 # token embedding
     if cfg.block == "classic":
         tables, row = tables + cfg.max_seq_len * d, row + d
+    frozen = 0                                          # random queries' matrices: read, not trained
     for spec in cfg.layer_specs():
         if spec.query == "table":
             tables += cfg.max_seq_len * spec.n_q_heads * hd
             row += spec.n_q_heads * hd
+        elif spec.query == "random":
+            frozen += d * spec.n_q_heads * hd
     whole = param_count(cfg) - tables + (cfg.vocab_size * d if cfg.tie_embeddings else 0)
-    return (whole + batch * row) * bytes_per_element
+    return (whole + frozen + batch * row) * bytes_per_element

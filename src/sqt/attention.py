@@ -1,17 +1,18 @@
-"""One attention layer: a query source (projection, static table or static rotary vector), K/V
-projections, the head mapping and RoPE; the one KV cache it reads and writes; and
-`attention_layer`, the same layer as a drop-in module for other models."""
+"""One attention layer: a query source (projection, static table, static rotary vector, or the
+identity and frozen random controls), K/V projections, the head mapping and RoPE; the one KV cache
+it reads and writes; and `attention_layer`, the same layer as a drop-in module for other models."""
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from .config import LayerSpec, LMConfig
-from .kernels import attend, attend_cached, cached_bias, resolve_backend
+from .config import LayerSpec, LMConfig, check_query_width
+from .kernels import attend, attend_cached, cached_bias, check_backend, resolve_backend
 
 
 class Rotary(nn.Module):
@@ -22,15 +23,77 @@ class Rotary(nn.Module):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"head_dim={head_dim}: RoPE needs an even head dimension")
+        self.head_dim = head_dim
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
+        """cos and sin of every (position, frequency) angle, (T, head_dim / 2), in `dtype`."""
+        angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: (B, H, T, D); positions: (T,) absolute positions."""
-        angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]   # (T, D/2)
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        """x: (B, H, T, D); positions: (T,) absolute positions. A new tensor."""
+        return _rotated(x, *self.cos_sin(positions, x.dtype))
+
+    def rotate_heads_(self, fused: torch.Tensor, spans, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate in place the column ranges `spans` [(start, stop), ...] of a (B, T, W)
+        projection output, each read as heads of head_dim (the projected queries and the keys of
+        the fused Q/K/V output); returns the buffer. Rotated where they lie, q, k and v stay views
+        of one buffer, so nothing but that buffer is kept for the backward pass; rotated into new
+        tensors, the buffer's q and k parts would stay allocated beside them, since v, a view,
+        keeps the whole buffer alive."""
+        cos, sin = (t[:, None] for t in self.cos_sin(positions, fused.dtype))  # (T, 1, D/2)
+        hd = self.head_dim
+        if torch.compiler.is_compiling():
+            # A rotation copied into the buffer's views, which functionalisation and inductor
+            # turn into one kernel writing the buffer: an autograd Function that mutates its
+            # input is not something to hand a compiler (pytorch/pytorch#184113).
+            for a, b in spans:
+                heads = fused[..., a:b].unflatten(-1, (-1, hd))
+                heads.copy_(_rotated(heads, cos, sin))
+            return fused
+        if torch.is_grad_enabled() and fused.requires_grad:
+            return _RotateInPlace.apply(fused, cos, sin, tuple(spans), hd)
+        _rotate_spans_(fused, cos, sin, spans, hd)
+        return fused
+
+
+def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def _rotate_spans_(fused, cos, sin, spans, head_dim: int) -> None:
+    """The rotation of `_rotated`, written into the buffer with the same roundings (each product
+    rounded, then the sum), one span at a time so that the temporaries stay within one span."""
+    for a, b in spans:
+        x1, x2 = fused[..., a:b].unflatten(-1, (-1, head_dim)).chunk(2, dim=-1)
+        first = x1.clone()
+        x1.mul_(cos).sub_(x2 * sin)
+        x2.mul_(cos).add_(first * sin)
+
+
+class _RotateInPlace(torch.autograd.Function):
+    """RoPE in place on the fused projection output, for autograd outside torch.compile. The
+    buffer comes fresh from the projection, which keeps its input, not its output, for the
+    backward, so overwriting it loses nothing. The rotation is orthogonal: the gradient is the
+    gradient rotated back (by -angle)."""
+
+    @staticmethod
+    def forward(ctx, fused, cos, sin, spans, head_dim):
+        _rotate_spans_(fused, cos, sin, spans, head_dim)
+        ctx.mark_dirty(fused)
+        ctx.save_for_backward(cos, sin)
+        ctx.spans, ctx.head_dim = spans, head_dim
+        return fused
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        grad = grad.clone()        # the incoming gradient may be shared: never write into it
+        _rotate_spans_(grad, cos.to(grad.dtype), -sin.to(grad.dtype), ctx.spans, ctx.head_dim)
+        return grad, None, None, None, None
 
 
 class KVCache:
@@ -113,11 +176,12 @@ class Attention(nn.Module):
 
     def __init__(self, spec: LayerSpec, *, d_model: int, head_dim: int, max_seq_len: int,
                  rope: bool, rope_base: float = 10000.0, bias: bool = False,
-                 backend: str = "auto", layer_idx: int = 0):
+                 backend: str = "auto", layer_idx: int = 0, query_seed: int = 0):
         super().__init__()
         d, hd = d_model, head_dim
         self.spec, self.layer_idx, self.head_dim = spec, layer_idx, hd
         self.max_seq_len = max_seq_len
+        check_query_width(spec, d, hd, where=f"layer {layer_idx}: ")
         # A static query replaces W_q x. It is initialised at the scale a projected query has at
         # init (0.02-std weights times a unit-variance input of width d), so both start alike.
         q_std = 0.02 * math.sqrt(d)
@@ -125,6 +189,13 @@ class Attention(nn.Module):
             self.q_table = nn.Parameter(torch.randn(max_seq_len, spec.n_q_heads, hd) * q_std)
         elif spec.query == "rotary":
             self.q_vec = nn.Parameter(torch.randn(spec.n_q_heads, hd) * q_std)
+        elif spec.query == "random":
+            # Frozen, so a buffer: no gradient, no optimizer state, but saved with the weights so
+            # a loaded model computes the same function. Its own generator makes it a function of
+            # (query_seed, layer) alone, whatever else was drawn before; 0.02 is W_q's init std.
+            gen = torch.Generator().manual_seed(1_000_003 * query_seed + layer_idx)
+            self.register_buffer("q_random", torch.randn(spec.n_q_heads * hd, d, generator=gen)
+                                 * 0.02)
         # Everything computed from x (projected queries, keys, values) comes from one matmul: one
         # kernel instead of three, forward and backward, which is what bounds small models.
         q_width = spec.n_q_heads * hd if spec.query == "proj" else 0
@@ -133,8 +204,16 @@ class Attention(nn.Module):
         # Reverse SQA produces one output per K/V head, so o_proj is sized by the larger count.
         self.o_proj = nn.Linear(spec.n_attn_heads * hd, d, bias=bias)
         self.rotary = Rotary(hd, rope_base) if rope or spec.query == "rotary" else None
+        # The columns of qkv_proj's output RoPE rotates where they lie: projected queries, keys.
+        self.rope_spans = tuple((a, b) for a, b in ((0, q_width), (q_width, q_width
+                                                    + self.qkv_split[1])) if b > a)
         self.requested_backend = backend
-        resolve_backend(backend, spec.window)  # fail at construction, not at first forward
+        check_backend(backend, spec.window, head_dim=hd)  # fail at construction where it can
+        # Tools that read or replace the queries (the query probe, conversions) set this to a
+        # function of (queries before RoPE (B, n_q_heads, T, head_dim), positions (T,)) that
+        # returns the queries to use. The layer then takes the plain path, rotating into new
+        # tensors, since the in-place rotation overwrites the projected queries it would show.
+        self.query_hook: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
 
     @classmethod
     def from_config(cls, cfg: LMConfig, spec: LayerSpec, layer_idx: int) -> "Attention":
@@ -142,28 +221,37 @@ class Attention(nn.Module):
         classic one."""
         return cls(spec, d_model=cfg.d_model, head_dim=cfg.head_dim, max_seq_len=cfg.max_seq_len,
                    rope=cfg.block == "modern", rope_base=cfg.rope_base,
-                   bias=cfg.block == "classic", backend=cfg.backend, layer_idx=layer_idx)
+                   bias=cfg.block == "classic", backend=cfg.backend, layer_idx=layer_idx,
+                   query_seed=cfg.query_seed)
 
     @property
     def max_positions(self) -> Optional[int]:
         """The longest sequence this layer can read: its static table's length, else None."""
         return self.max_seq_len if self.spec.query == "table" else None
 
-    def backend_for(self, device: torch.device) -> str:
-        """The attention op this layer runs on `device`."""
-        return resolve_backend(self.requested_backend, self.spec.window, device.type)
+    def backend_for(self, device: torch.device, *, seq_len: Optional[int] = None,
+                    grad: bool = False) -> str:
+        """The attention op this layer runs on `device` for `seq_len` tokens, with a backward pass
+        if `grad` (`auto` may choose by length: sqt.kernels.AUTO_FLASH)."""
+        return resolve_backend(self.requested_backend, self.spec.window, device,
+                               head_dim=self.head_dim, seq_len=seq_len, grad=grad)
 
     def queries(self, x: torch.Tensor, positions: Optional[torch.Tensor] = None,
                 projected: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B, n_q_heads, T, head_dim) before RoPE, for tokens at `positions` (a device tensor;
         None: 0 .. T-1). For static sources x only sets the shape; `projected` is the query
-        slice of `qkv_proj(x)` when the caller has it already."""
+        slice of `qkv_proj(x)` when the caller has it already (`forward` hands it over rotated,
+        the rotation done in place)."""
         B, T, _ = x.shape
         nq, hd = self.spec.n_q_heads, self.head_dim
         if self.spec.query == "proj":
             if projected is None:
                 projected = self.qkv_proj(x)[..., :self.qkv_split[0]]
             return projected.view(B, T, nq, hd).transpose(1, 2)
+        if self.spec.query == "identity":
+            return x[..., :nq * hd].reshape(B, T, nq, hd).transpose(1, 2)
+        if self.spec.query == "random":
+            return F.linear(x, self.q_random.to(x.dtype)).view(B, T, nq, hd).transpose(1, 2)
         if self.spec.query == "table":
             if positions is None:
                 if T > self.max_seq_len:
@@ -189,14 +277,25 @@ class Attention(nn.Module):
                 raise ValueError("decode=True needs the KVCache the sequence continues")
             if positions is None:
                 positions = cache.pos + torch.arange(T, device=x.device)
-        q_lin, k, v = self.qkv_proj(x).split(self.qkv_split, dim=-1)
-        q = self.queries(x, positions if decode else None, q_lin)
-        k = k.view(B, T, nkv, hd).transpose(1, 2)
+        qkv = self.qkv_proj(x)
+        at = positions if decode else torch.arange(T, device=x.device)
+        if self.query_hook is not None:
+            q_lin, k, v = qkv.split(self.qkv_split, dim=-1)
+            q = self.query_hook(self.queries(x, positions if decode else None, q_lin), at)
+            k = k.view(B, T, nkv, hd).transpose(1, 2)
+            if self.rotary is not None:
+                q, k = self.rotary(q, at), self.rotary(k, at)
+        else:
+            if self.rotary is not None:
+                qkv = self.rotary.rotate_heads_(qkv, self.rope_spans, at)
+            q_lin, k, v = qkv.split(self.qkv_split, dim=-1)
+            q = self.queries(x, positions if decode else None, q_lin)
+            if self.rotary is not None and self.spec.query != "proj":
+                q = self.rotary(q, at)
+            k = k.view(B, T, nkv, hd).transpose(1, 2)
         v = v.view(B, T, nkv, hd).transpose(1, 2)
-        if self.rotary is not None:
-            at = positions if decode else torch.arange(T, device=x.device)
-            q, k = self.rotary(q, at), self.rotary(k, at)
-        backend = self.backend_for(x.device)
+        grad = torch.is_grad_enabled() and (x.requires_grad or qkv.requires_grad)
+        backend = self.backend_for(x.device, seq_len=T, grad=grad)
         if decode:
             k, v = cache.write_at(self.layer_idx, positions, k, v)
             if bias is None:

@@ -27,10 +27,12 @@ class CheckpointError(ValueError):
 
 def save_model(directory, model: TransformerLM, *, tokenizer=None, meta: Optional[dict] = None,
                train_state: Optional[dict] = None) -> Path:
-    """Write `model` (and `tokenizer`, an sqt tokenizer, as tokenizer.json) to `directory`."""
+    """Write `model` (and its `tokenizer`, as tokenizer.json, when given) into `directory`."""
     from safetensors.torch import save as st_save
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None:
+        atomic_write_bytes(directory / TOKENIZER, tokenizer.to_json().encode("utf-8"))
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)  # safetensors refuses shared storage; re-tied on load
@@ -39,8 +41,6 @@ def save_model(directory, model: TransformerLM, *, tokenizer=None, meta: Optiona
         buf = io.BytesIO()
         torch.save(train_state, buf)
         atomic_write_bytes(directory / TRAIN_STATE, buf.getvalue())
-    if tokenizer is not None:
-        tokenizer.save(directory / TOKENIZER)
     atomic_write_json(directory / CONFIG, {"format": FORMAT_VERSION,
                                            "model": model.config.to_dict(), **(meta or {})})
     return directory
@@ -105,23 +105,21 @@ def load_train_state(directory) -> Optional[dict]:
                               "checkpoint is corrupt") from None
 
 
-def load_run_tokenizer(directory):
-    """The tokenizer a checkpoint decodes with: its tokenizer.json, else the `{"type": "char",
-    ...}` dict older checkpoints keep in config.json, else None. A tokenizer with more symbols
-    than the model's vocabulary is a CheckpointError."""
+def load_run_tokenizer(path):
+    """The tokenizer of a checkpoint directory: its tokenizer.json, else the character tokenizer
+    an older run recorded in config.json; None when it has neither (e.g. a model imported from
+    Hugging Face without one). A tokenizer with more symbols than the model's vocabulary is a
+    CheckpointError."""
     from .tokenizer import load_tokenizer
-    directory = Path(directory)
+    directory = Path(path)
     meta = read_config(directory)
-    file = directory / TOKENIZER
+    spec = directory / TOKENIZER if (directory / TOKENIZER).is_file() else meta.get("tokenizer")
+    if spec is None:
+        return None
     try:
-        if file.is_file():
-            tok = load_tokenizer(file)
-        elif meta.get("tokenizer") is not None:
-            tok = load_tokenizer(meta["tokenizer"])
-        else:
-            return None
-    except ValueError as e:
-        raise CheckpointError(f"{str(directory)!r}: unreadable tokenizer: {e}") from None
+        tok = load_tokenizer(spec)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{str(directory)!r}: incompatible tokenizer: {e}") from None
     vocab = meta["model"].get("vocab_size")
     if isinstance(vocab, int) and tok.vocab_size > vocab:
         raise CheckpointError(f"{str(directory)!r}: the tokenizer has {tok.vocab_size} symbols "

@@ -1,9 +1,10 @@
 """The `sqt` command: every subcommand, each one parser (`_add_X`) and one body (`X_command`) that
 calls the library. `sqt train` trains a model from a preset, a TOML run file and flags; `sqt
-prepare` tokenizes a corpus; `sqt generate CHECKPOINT --prompt TEXT` streams text from a
-checkpoint; `sqt export` / `sqt import-hf` convert to and from Hugging Face. A user error (bad
-settings, missing or incompatible checkpoint, a prompt the model cannot take) prints one line on
-stderr and exits with status 2, without a traceback."""
+generate CHECKPOINT --prompt TEXT` streams text from a checkpoint; `sqt probe` and `sqt convert`
+study and change a model's queries; `sqt prepare`, `sqt export` and `sqt import-hf` (in
+sqt.cli_formats) move data and models between formats. A user error (bad settings, missing or
+incompatible checkpoint, a prompt the model cannot take) prints one line on stderr and exits with
+status 2, without a traceback."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import sys
 import typing
 from pathlib import Path
 from typing import Optional
+
+from .cli_formats import _add_export, _add_import_hf, _add_prepare
 
 USAGE_ERROR = 2
 
@@ -291,105 +294,112 @@ def train_command(args) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------------------- prepare
+# ------------------------------------------------------------------------------------------- probe
 
-def _add_prepare(sub) -> None:
-    p = sub.add_parser("prepare", help="tokenize a corpus once into a prepared data directory",
-                       description="Tokenize CORPUS (UTF-8 text, plain or .gz; lines holding only "
-                                   "<|endoftext|> separate documents) into memory-mapped "
-                                   "train/val token files, tokenizer.json and meta.json in --out, "
-                                   "for `sqt train --data DIR`. Re-running it on the same corpus "
-                                   "with the same settings does nothing.")
-    p.add_argument("corpus", help="the corpus file (.txt or .txt.gz)")
-    p.add_argument("--tokenizer", required=True, metavar="SPEC",
-                   help="char (the corpus's characters), bpe:VOCAB (a byte-level BPE of VOCAB "
-                        "symbols trained on the corpus, e.g. bpe:10000) or the path of a "
-                        "tokenizer.json (or a directory holding one) to reuse")
-    p.add_argument("--out", required=True, metavar="DATA_DIR", help="directory to write")
-    p.add_argument("--val-fraction", type=float, default=0.01, metavar="F",
-                   help="validation share in (0, 0.5]: every round(1/F)-th document, or the last "
-                        "F of the tokens of a corpus with too few documents "
+def _add_data_options(p, what: str) -> None:
+    p.add_argument("--data", default=None,
+                   help=f"{what}: 'tinyshakespeare', a prepared directory or a text file "
+                        "(default: %(default)s, the run's own data)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per window (default: %(default)s, the run's training window)")
+    p.add_argument("--eval-batch-size", type=int, default=16,
+                   help="windows per forward pass when measuring (default: %(default)s)")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when available), cpu, cuda or cuda:N (default: %(default)s)")
+
+
+def _add_probe(sub) -> None:
+    p = sub.add_parser("probe", help="how positional each layer's and head's query is",
+                       description="Probe a checkpoint on validation text: per layer and head, "
+                                   "the share of the query's (and key's) variance that position "
+                                   "alone explains, and the loss the model loses when a layer's "
+                                   "queries are replaced by their per-position mean. Writes "
+                                   "probe.json, probe.md and probe.png; prints the table.")
+    p.add_argument("run_dir", metavar="RUN",
+                   help="checkpoint or run directory (a trained or imported model)")
+    _add_data_options(p, "validation text")
+    p.add_argument("--tokens", type=int, default=32768,
+                   help="validation tokens to probe on (default: %(default)s)")
+    p.add_argument("--per-head", action="store_true",
+                   help="also the loss change of replacing each head's queries alone "
                         "(default: %(default)s)")
-    p.add_argument("--min-frequency", type=int, default=2, metavar="N",
-                   help="times a pair must be seen to become a BPE merge (default: %(default)s)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a dataset in --out prepared from another corpus or with other "
-                        "settings (default: %(default)s)")
-    p.set_defaults(run=prepare_command)
+    p.add_argument("--out", default=None,
+                   help="directory for the files (default: %(default)s, the run directory)")
+    p.set_defaults(run=probe_command)
 
 
-def prepare_command(args) -> int:
-    from .data import prepare
-    from .prepared import META_FILE
-    meta = Path(args.out) / META_FILE
-    before = meta.read_bytes() if meta.is_file() else None
-    ds = prepare(args.corpus, args.tokenizer, args.out, val_fraction=args.val_fraction,
-                 min_frequency=args.min_frequency, overwrite=args.overwrite)
-    info = ds.describe()
-    what = "unchanged" if meta.read_bytes() == before else "prepared"
-    print(f"{what}: {args.out}: {info['train_tokens']:,} train + {info['val_tokens']:,} val "
-          f"tokens, {type(ds.tokenizer).__name__} of {info['vocab_size']:,} symbols; train "
-          f"with: sqt train --data {args.out}", flush=True)
+def probe_command(args) -> int:
+    from .probe_report import probe_markdown, probe_run
+    from .utils import resolve_device
+    report, written = probe_run(args.run_dir, data=args.data, tokens=args.tokens,
+                                seq_len=args.seq_len, batch_size=args.eval_batch_size,
+                                per_head=args.per_head, out=args.out,
+                                device=resolve_device(args.device, name="--device"))
+    print(probe_markdown(report, title=f"Query probe of {args.run_dir}"), end="")
+    for kind, where in written.items():
+        print(f"sqt probe: {kind}: {where}", file=sys.stderr)
     return 0
 
 
-# ------------------------------------------------------------------------------ export, import-hf
+# ----------------------------------------------------------------------------------------- convert
 
-def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face model directory",
-                       description="Write a checkpoint (and its tokenizer) as a directory that "
-                                   "transformers' AutoModelForCausalLM and AutoTokenizer load "
-                                   "without remote code, computing the same logits. Needs a "
-                                   "modern-block model (--block modern).")
-    p.add_argument("checkpoint", metavar="RUN", help="checkpoint directory (sqt train --out-dir)")
-    p.add_argument("--format", default="hf", choices=("hf",),
-                   help="output format: hf, a Llama (Qwen2 with a sliding window) directory "
+def _add_convert(sub) -> None:
+    from .convert import METHODS
+    p = sub.add_parser("convert", help="convert a trained model to another variant",
+                       description="Convert a checkpoint's layers to another variant (a static "
+                                   "table, GQA/MQA, the SQA family) by a documented "
+                                   "initialisation (sqt.convert), optionally fine-tune it, and "
+                                   "save it as an ordinary checkpoint with conversion.json.")
+    p.add_argument("run_dir", metavar="RUN", help="checkpoint or run directory to convert")
+    p.add_argument("--to", required=True, nargs="+", metavar="SPEC",
+                   help="target layer spec for every converted layer, or one per converted "
+                        "layer: sqt, table:gqa, gqa, mqa, sqa, ssqa, xsqa, nq/nkv, ...")
+    p.add_argument("--out", required=True, help="new directory for the converted checkpoint")
+    p.add_argument("--method", choices=METHODS, default="first",
+                   help="which query heads a layout with fewer keeps: the first, the most "
+                        "content-dependent by the probe, or pooled runs (default: %(default)s)")
+    p.add_argument("--layers", type=int, nargs="+", default=None, metavar="I",
+                   help="layer indices to convert (default: %(default)s: all)")
+    _add_data_options(p, "text for tables, head ranking, scoring and fine-tuning")
+    p.add_argument("--corpus-tokens", type=int, default=65536,
+                   help="training-split tokens that tables average over and the probe ranks "
+                        "heads on (default: %(default)s)")
+    p.add_argument("--eval-tokens", type=int, default=16384,
+                   help="validation tokens to score the model on before and after; 0 skips "
                         "(default: %(default)s)")
-    p.add_argument("--out", required=True, metavar="DIR", help="directory to write (new or empty)")
-    p.add_argument("--pad-mixed", action="store_true",
-                   help="write layers of different head layouts all MHA-shaped (same logits, "
-                        "more compute) instead of refusing (default: %(default)s)")
-    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                   help="weight dtype of the export (default: %(default)s, the checkpoint's)")
-    p.set_defaults(run=export_command)
+    p.add_argument("--tokens", type=int, default=None,
+                   help="fine-tune the converted model for this many tokens (default: "
+                        "%(default)s, no fine-tune)")
+    for flag, kind, text in (("--lr", float, "peak learning rate of the fine-tune"),
+                             ("--warmup", int, "warm-up steps of the fine-tune (default: "
+                                               "%(default)s, a tenth of its steps)"),
+                             ("--batch-size", int, "sequences per fine-tune step"),
+                             ("--seed", int, "seed of the fine-tune's windows and dropout")):
+        p.add_argument(flag, type=kind, default=None, help=text if "default" in text else
+                       text + " (default: %(default)s, the source run's)")
+    p.set_defaults(run=convert_command)
 
 
-def export_command(args) -> int:
-    from .hf import export_checkpoint
-    out = export_checkpoint(args.checkpoint, args.out, pad_mixed=args.pad_mixed, dtype=args.dtype)
-    hc = json.loads((out / "config.json").read_text())
-    tokenizer = "with" if (out / "tokenizer.json").is_file() else "without"
-    print(f"exported {args.checkpoint} to {out}: {hc['architectures'][0]}, "
-          f"{hc['num_attention_heads']} query / {hc['num_key_value_heads']} key-value heads of "
-          f"{hc['head_dim']}, {tokenizer} a tokenizer", flush=True)
-    return 0
-
-
-def _add_import_hf(sub) -> None:
-    p = sub.add_parser("import-hf", help="read a Hugging Face Llama-format directory as a "
-                                         "checkpoint",
-                       description="Turn a LlamaForCausalLM-format directory (Llama, Mistral, "
-                                   "Qwen2; any head layout; safetensors) into an sqt checkpoint "
-                                   "that `sqt generate` and the library load.")
-    p.add_argument("hf_dir", metavar="DIR", help="the Hugging Face model directory")
-    p.add_argument("--out", required=True, metavar="RUN", help="checkpoint directory to write")
-    p.set_defaults(run=import_hf_command)
-
-
-def import_hf_command(args) -> int:
-    from .checkpoint import load_model
-    from .hf import import_checkpoint
-    out = import_checkpoint(args.hf_dir, args.out)
-    model, _ = load_model(out)
-    tokenizer = "with" if (out / "tokenizer.json").is_file() else "without"
-    print(f"imported {args.hf_dir} to {out}: {model.num_params():,} parameters, layers="
-          f"{model.config.layers!r}, {tokenizer} a tokenizer", flush=True)
+def convert_command(args) -> int:
+    from .convert import convert_run
+    from .utils import resolve_device
+    device = resolve_device(args.device, name="--device")
+    record = convert_run(args.run_dir, args.out, args.to if len(args.to) > 1 else args.to[0],
+                         layers=args.layers, method=args.method, data=args.data,
+                         corpus_tokens=args.corpus_tokens, seq_len=args.seq_len,
+                         eval_tokens=args.eval_tokens, tokens=args.tokens, device=device,
+                         eval_batch_size=args.eval_batch_size, lr=args.lr, warmup=args.warmup,
+                         batch_size=args.batch_size, seed=args.seed)
+    print(json.dumps({"event": "converted", "out": args.out,
+                      **{k: record.get(k) for k in ("to", "method", "layers", "loss_source",
+                                                    "loss_converted", "loss_finetuned")}}))
     return 0
 
 
 # -------------------------------------------------------------------------------------------- main
 
-COMMANDS = (_add_train, _add_prepare, _add_generate, _add_export, _add_import_hf)
+COMMANDS = (_add_train, _add_prepare, _add_generate, _add_export, _add_import_hf, _add_probe,
+            _add_convert)
 
 
 def parser() -> argparse.ArgumentParser:

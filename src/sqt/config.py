@@ -10,19 +10,23 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Sequence, Union
 
-QUERY_SOURCES = ("proj", "table", "rotary")
+QUERY_SOURCES = ("proj", "table", "rotary", "identity", "random")
 """Where a layer's queries come from: `proj` is W_q x (standard); `table` is a learned per-position
 table Q[t, h] (static query, SQT); `rotary` is one learned vector per head rotated by RoPE at
-position t (static rotary query: no table, so no length limit)."""
+position t (static rotary query: no table, so no length limit). The controls have no query
+parameters: `identity` is W_q = I (n_q heads read the input's first n_q*head_dim features, head h
+its h-th slice); `random` is a frozen random W_q (Synthesizer-style), a buffer drawn from
+`LMConfig.query_seed` and the layer index at a projected query's initial scale."""
 
 BLOCKS = ("classic", "modern")
 """`classic`: the SQT seed's block (learned absolute positions, LayerNorm, GELU MLP, biases).
 `modern`: the SQA papers' block (RoPE, RMSNorm, SwiGLU, no biases)."""
 
-BACKENDS = ("auto", "sdpa", "flex", "eager")
+BACKENDS = ("auto", "sdpa", "flex", "flash", "eager")
 """The attention op: `sdpa` (PyTorch scaled_dot_product_attention, K/V shared via enable_gqa),
-`flex` (FlexAttention, for sliding windows), `eager` (reference math, for tests). `auto` picks sdpa
-for full causal layers and flex for windowed ones."""
+`flex` (FlexAttention, for sliding windows), `flash` (FlashAttention-4 on Hopper GPUs, the optional
+`flash` extra), `eager` (reference math, for tests). `auto` picks sdpa for full causal layers (flash
+where it is installed and measured faster: sqt.kernels.AUTO_FLASH) and flex for windowed ones."""
 
 MOE_IMPLS = ("grouped", "loop")
 """How a mixture-of-experts layer runs its experts: `grouped` (tokens sorted by expert, one grouped
@@ -45,11 +49,13 @@ HEAD_LAYOUTS: dict[str, tuple[Union[Fraction, int], Union[Fraction, int]]] = {
 }
 
 # Named variants = a query source plus a head layout. `sqt` is the static-table model of the SQT
-# seed; `srq` its table-free rotary sibling.
+# seed; `srq` its table-free rotary sibling; `idq` and `rndq` the parameter-free controls.
 VARIANTS: dict[str, tuple[str, str]] = {
     **{name: ("proj", name) for name in HEAD_LAYOUTS},
     "sqt": ("table", "mha"),
     "srq": ("rotary", "mha"),
+    "idq": ("identity", "mha"),    # control: W_q = I, no query parameters
+    "rndq": ("random", "mha"),     # control: a frozen random W_q, no query parameters
 }
 
 _SPEC_RE = re.compile(
@@ -100,12 +106,22 @@ class LayerSpec:
         return s + (f"@{self.window}" if self.window else "")
 
 
+def check_query_width(spec: LayerSpec, d_model: int, head_dim: int, *, where: str = "") -> None:
+    """An identity query reads its heads straight from the input, so they must fit in it."""
+    if spec.query == "identity" and spec.n_q_heads * head_dim > d_model:
+        raise ValueError(
+            f"{where}{spec.name}: an identity query of {spec.n_q_heads} heads needs "
+            f"{spec.n_q_heads} x {head_dim} = {spec.n_q_heads * head_dim} input features but "
+            f"d_model={d_model}; use at most {d_model // head_dim} query heads")
+
+
 def parse_layer(spec: Union[str, LayerSpec], n_heads: int) -> LayerSpec:
     """Turn a variant string into a LayerSpec for a model with `n_heads` nominal heads.
 
     Accepted forms: a variant name (`mha`, `gqa`, `mqa`, `sqa`, `ssqa`, `xsqa`, `xsmqa`, `lsqa`,
-    `rsqa`, `sqt`, `srq`); an explicit `nq/nkv`; either prefixed by a query source (`table:xsqa` is
-    SQT with xSQA's heads, `rotary:gqa`) and suffixed by a sliding window (`sqa@128`)."""
+    `rsqa`, `sqt`, `srq`, `idq`, `rndq`); an explicit `nq/nkv`; either prefixed by a query source
+    (`table:xsqa` is SQT with xSQA's heads, `rotary:gqa`, `identity:xsqa`, `random:gqa`) and
+    suffixed by a sliding window (`sqa@128`)."""
     if isinstance(spec, LayerSpec):
         return spec
     if not isinstance(spec, str):
@@ -142,6 +158,22 @@ def parse_layer(spec: Union[str, LayerSpec], n_heads: int) -> LayerSpec:
     return LayerSpec(counts[0], counts[1], query, window)
 
 
+def variant_name(spec: LayerSpec, n_heads: int) -> str:
+    """A short string `parse_layer` reads back as `spec` for `n_heads` heads: a named variant
+    (`sqt`, `gqa@64`), a prefixed layout (`rotary:sqa`), else `nq/nkv`. One K/V head first: with 4
+    heads, 4/1 is `mqa` more than it is `gqa`."""
+    for layout in sorted(HEAD_LAYOUTS, key=lambda n: not isinstance(HEAD_LAYOUTS[n][1], int)):
+        try:
+            hit = parse_layer(layout, n_heads)
+        except ValueError:
+            continue
+        if (hit.n_q_heads, hit.n_kv_heads) == (spec.n_q_heads, spec.n_kv_heads):
+            named = [v for v, q_l in VARIANTS.items() if q_l == (spec.query, layout)]
+            name = named[0] if named else f"{spec.query}:{layout}"
+            return name + (f"@{spec.window}" if spec.window else "")
+    return spec.name.removeprefix("proj:")
+
+
 LayersArg = Union[str, LayerSpec, Sequence[Union[str, LayerSpec]]]
 
 
@@ -164,14 +196,18 @@ class LMConfig:
     tie_embeddings: bool = field(default=False, metadata={
         "help": "share the token embedding with the LM head"})
     backend: str = field(default="auto", metadata={
-        "help": "attention op: auto, sdpa, flex or eager (auto: sdpa, flex for windows)"})
+        "help": "attention op: auto, sdpa, flex, flash or eager (auto: sdpa, or flash where "
+                "installed and measured faster; flex for windows)"})
     rope_base: float = field(default=10000.0, metadata={
         "help": "RoPE base frequency (modern block and rotary queries)"})
     norm_eps: float = field(default=1e-5, metadata={"help": "epsilon of the norms"})
     layers: Union[str, tuple] = field(default="mha", metadata={
         "help": "one variant for every layer, or one per layer: a name (mha gqa mqa sqa ssqa "
-                "xsqa xsmqa lsqa rsqa sqt srq) or nq/nkv, with an optional query: prefix and "
-                "@window suffix"})
+                "xsqa xsmqa lsqa rsqa sqt srq idq rndq) or nq/nkv, with an optional query: prefix "
+                "(proj table rotary identity random) and @window suffix"})
+    query_seed: int = field(default=0, metadata={
+        "help": "seed of the frozen random query projections (query source random); each layer "
+                "draws from it and its own index"})
     # Training only: keep each block's input and recompute the block in the backward pass, which
     # costs one more forward but holds one block's activations at a time instead of all of them
     # (what lets long sequences through a wide model on one GPU).
@@ -214,7 +250,9 @@ class LMConfig:
             if len(self.layers) != self.n_layers:
                 raise ValueError(f"layers has {len(self.layers)} entries but n_layers="
                                  f"{self.n_layers}: give one variant, or one per layer")
-        self.layer_specs()  # validate every spec against n_heads now, not at first forward
+        _check_int("query_seed", self.query_seed, minimum=0)
+        for i, spec in enumerate(self.layer_specs()):  # every spec against n_heads, now
+            check_query_width(spec, self.d_model, self.head_dim, where=f"layer {i}: ")
         self._check_moe()
 
     def _check_moe(self):

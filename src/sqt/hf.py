@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from . import hf_heads
-from .config import HEAD_LAYOUTS, LayerSpec, LMConfig, parse_layer
+from .config import LayerSpec, LMConfig, variant_name
 from .hf_read import plain_config, read_hf_dir
 from .model import TransformerLM
 from .utils import atomic_write_bytes, atomic_write_json
@@ -95,6 +95,10 @@ def _export_layer(state: dict, i: int, spec: LayerSpec, p: hf_heads.HeadPlan, cf
     qkv = state.pop(pre + "attn.qkv_proj.weight")
     q_rows = spec.n_q_heads * hd if spec.query == "proj" else 0
     q, k, v = qkv.split([q_rows, spec.n_kv_heads * hd, spec.n_kv_heads * hd])
+    if spec.query == "identity":    # W_q = [I 0]: the first n_q * head_dim input features
+        q = torch.eye(spec.n_q_heads * hd, d, dtype=qkv.dtype)
+    elif spec.query == "random":    # the frozen matrix, as an ordinary projection
+        q = state.pop(pre + "attn.q_random")
     o = state.pop(pre + "attn.o_proj.weight").view(d, spec.n_attn_heads, hd).transpose(0, 1)
     vec = state.pop(pre + "attn.q_vec") if spec.query == "rotary" else None
     heads = hf_heads.pad(p, q=vec if vec is not None else q.reshape(-1, hd, d),
@@ -230,20 +234,6 @@ def export_checkpoint(run_dir, out_dir, *, pad_mixed: bool = False,
 
 # ----------------------------------------------------------------------------------- import
 
-def _layer_name(spec: LayerSpec, n_heads: int) -> str:
-    """A variant name (`gqa`, `rotary:sqa@64`) where one fits, else the explicit `nq/nkv`. Names
-    with one K/V head come first: with 4 heads, 4/1 is `mqa` more than it is `gqa`."""
-    for name in sorted(HEAD_LAYOUTS, key=lambda n: not isinstance(HEAD_LAYOUTS[n][1], int)):
-        try:
-            hit = parse_layer(name, n_heads)
-        except ValueError:
-            continue
-        if (hit.n_q_heads, hit.n_kv_heads) == (spec.n_q_heads, spec.n_kv_heads):
-            prefix = "" if spec.query == "proj" else spec.query + ":"
-            return prefix + name + (f"@{spec.window}" if spec.window else "")
-    return spec.name.removeprefix("proj:")
-
-
 def _import_layer(hf: dict, i: int, spec: LayerSpec, p: hf_heads.HeadPlan, d: int,
                   hd: int) -> dict:
     pre = f"model.layers.{i}.self_attn."
@@ -259,6 +249,14 @@ def _import_layer(hf: dict, i: int, spec: LayerSpec, p: hf_heads.HeadPlan, d: in
     kv = [heads["k"].reshape(-1, d), heads["v"].reshape(-1, d)]
     if spec.query == "rotary":
         out[f"blocks.{i}.attn.q_vec"] = heads["q"]
+        out[f"blocks.{i}.attn.qkv_proj.weight"] = torch.cat(kv)
+    elif spec.query in ("identity", "random"):
+        q = heads["q"].reshape(-1, d)
+        if spec.query == "identity" and not torch.equal(q, torch.eye(*q.shape, dtype=q.dtype)):
+            raise hf_heads.NotRestorable(f"layer {i}: the identity query's projection is no "
+                                         "longer [I 0]")
+        if spec.query == "random":   # _build checks it is still the layer's own draw
+            out[f"blocks.{i}.attn.q_random"] = q
         out[f"blocks.{i}.attn.qkv_proj.weight"] = torch.cat(kv)
     else:
         out[f"blocks.{i}.attn.qkv_proj.weight"] = torch.cat([heads["q"].reshape(-1, d)] + kv)
@@ -279,6 +277,10 @@ def _build(cfg: LMConfig, hf: dict, shape: tuple[int, int]) -> TransformerLM:
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["tok_emb.weight"]
     model = TransformerLM(cfg)
+    for name, drawn in model.named_buffers():
+        if name.endswith("q_random") and not torch.equal(state[name].float(), drawn):
+            raise hf_heads.NotRestorable(f"{name}: the random query's matrix is no longer the "
+                                         f"one query_seed={cfg.query_seed} draws")
     try:
         model.load_state_dict({k: v.float() for k, v in state.items()})
     except RuntimeError as e:
@@ -321,7 +323,7 @@ def import_hf(hf_dir) -> tuple[TransformerLM, Optional[str]]:
                           f"its weights no longer have that structure ({e}); importing the HF "
                           "head layout as it is")
     n_heads = plain.n_heads
-    layers = [_layer_name(s, n_heads) for s in plain.layer_specs()]
+    layers = [variant_name(s, n_heads) for s in plain.layer_specs()]
     cfg = plain.with_layers(layers[0] if len(set(layers)) == 1 else tuple(layers))
     return _build(cfg, hf, shape), tok_text
 

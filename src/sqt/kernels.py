@@ -1,31 +1,92 @@
 """The attention op alone. `attend` is causal attention over a whole sequence from position 0,
-through one registry of backends with one signature: `sdpa` (default), `flex` (sliding windows)
-and `eager` (the reference the tests compare against). `attend_cached` is the op of a decode
-step: queries over a view of a KV cache, with an additive mask built from device positions.
-A query sees keys at or before its own position (and, with a window w, fewer than w back)."""
+through one registry of backends with one signature: `sdpa` (default), `flex` (sliding windows),
+`flash` (FlashAttention-4, sqt.flash) and `eager` (the reference the tests compare against).
+`attend_cached` is the op of a decode step: queries over a view of a KV cache, with an additive
+mask built from device positions. A query sees keys at or before its own position (and, with a
+window w, fewer than w back)."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
+from . import flash
+from .flash import flash_attention
 
-def resolve_backend(requested: str, window: Optional[int], device_type: str = "cuda") -> str:
-    """The backend a layer will actually use on a device. `auto` picks sdpa for full causal layers
-    and, for windowed ones, flex on CUDA and eager elsewhere (FlexAttention has no CPU backward).
-    Never falls back silently: a window on a backend that cannot apply one is an error."""
-    if requested == "auto":
-        return ("flex" if device_type == "cuda" else "eager") if window else "sdpa"
+
+@dataclass(frozen=True)
+class FlashWin:
+    """From which sequence length FlashAttention-4 beat cuDNN at one head dim, for a forward
+    alone and for a forward with its backward (None: it never did), and the measurement."""
+    min_seq_forward: Optional[int]
+    min_seq_train: Optional[int]
+    measured: str
+
+
+# Where `auto` runs full causal layers on `flash` (installed, on a GPU of compute capability 9.0
+# or newer): these head dims, from these lengths; everywhere else on `sdpa` (cuDNN). Time ratios
+# cuDNN / FA4 on the H100, causal, bf16, 16 heads, batch x length = 32 x 1k, 8 x 4k, 1 x 32k
+# (bench/results/probes/20261124-fa4/fa4_probe.json; 64 x 1k at head dim 16). Head dim 16 is
+# absent: FA4's backward is wrong there and its forward ran 0.81x. Windowed layers stay on flex
+# until a run compares flash with it. `python -m bench.throughput --families sdpa,flash` measures
+# the same ratios in the model; this table is refreshed from its runs.
+AUTO_FLASH: dict[int, FlashWin] = {
+    64: FlashWin(min_seq_forward=32768, min_seq_train=4096,
+                 measured="forward 0.82x at 1k, 1.14x at 32k; forward+backward 1.02x at 1k, "
+                          "1.26x at 32k (4k not measured)"),
+    128: FlashWin(min_seq_forward=32768, min_seq_train=4096,
+                  measured="forward 0.79x at 1k, 0.94x at 4k, 1.02x at 32k; forward+backward "
+                           "0.96x at 1k, 1.09x at 4k, 1.17x at 32k"),
+}
+
+
+def check_backend(requested: str, window: Optional[int], *,
+                  head_dim: Optional[int] = None) -> None:
+    """What can be refused before knowing the device: an unknown name, a window on sdpa, a head
+    dim FlashAttention-4 has no kernel for. A layer checks this when it is built."""
+    if requested != "auto" and requested not in ATTENTION_FUNCTIONS:
+        raise ValueError(f"backend={requested!r}: expected one of auto, "
+                         f"{', '.join(ATTENTION_FUNCTIONS)}")
     if requested == "sdpa" and window:
         raise ValueError(
             f"backend='sdpa' with window={window}: SDPA has no sliding-window kernel; "
             "use backend 'flex', 'eager' or 'auto' for windowed layers")
-    if requested not in ATTENTION_FUNCTIONS:
-        raise ValueError(f"backend={requested!r}: expected one of auto, "
-                         f"{', '.join(ATTENTION_FUNCTIONS)}")
+    reason = requested == "flash" and head_dim and flash.head_dim_reason(head_dim)
+    if reason:
+        raise ValueError(f"backend='flash': {reason}")
+
+
+def auto_picks_flash(device: torch.device, head_dim: Optional[int], seq_len: Optional[int],
+                     grad: bool) -> bool:
+    """Whether `auto` runs a full causal layer on FlashAttention-4 (see AUTO_FLASH)."""
+    win = AUTO_FLASH.get(head_dim) if device.type == "cuda" else None
+    least = win and (win.min_seq_train if grad else win.min_seq_forward)
+    return bool(least and seq_len and seq_len >= least
+                and flash.unavailable_reason(device, head_dim=head_dim, grad=grad) is None)
+
+
+def resolve_backend(requested: str, window: Optional[int], device="cuda", *,
+                    head_dim: Optional[int] = None, seq_len: Optional[int] = None,
+                    grad: bool = False) -> str:
+    """The backend a layer runs on `device` (a torch.device or its type) for `seq_len` tokens,
+    with a backward pass if `grad`. `auto` picks, for full causal layers, flash where AUTO_FLASH
+    says it is faster and sdpa elsewhere; for windowed ones flex on CUDA and eager elsewhere
+    (FlexAttention has no CPU backward). Never falls back silently: a window on a backend that
+    cannot apply one, or `flash` where it cannot run, is an error that says why."""
+    check_backend(requested, window, head_dim=head_dim)
+    device = torch.device(device)
+    if requested == "auto":
+        if window:
+            return "flex" if device.type == "cuda" else "eager"
+        return "flash" if auto_picks_flash(device, head_dim, seq_len, grad) else "sdpa"
+    if requested == "flash":
+        reason = flash.unavailable_reason(device, head_dim=head_dim, grad=grad)
+        if reason:
+            raise ValueError(f"backend='flash': {reason}")
     return requested
 
 
@@ -53,8 +114,10 @@ def cached_bias(positions: torch.Tensor, view_len: int, window: Optional[int] = 
 
 def _broadcast_queries(q: torch.Tensor, n_kv: int) -> torch.Tensor:
     """Reverse SQA: fewer query heads than K/V heads. Query head h serves K/V heads
-    h*G .. h*G+G-1, so queries are repeated (they are the small side) and K/V stay as they are."""
-    return q.repeat_interleave(n_kv // q.shape[1], dim=1)
+    h*G .. h*G+G-1, so queries are repeated (they are the small side) and K/V stay as they are.
+    The copy is laid out (B, T, H, D) in memory, as the fused projection's views are, so every
+    kernel (and its output) sees the same layout."""
+    return q.transpose(1, 2).repeat_interleave(n_kv // q.shape[1], dim=2).transpose(1, 2)
 
 
 def _reference(q, k, v, bias: torch.Tensor) -> torch.Tensor:
@@ -144,6 +207,7 @@ def flex_attention(q, k, v, window: Optional[int] = None):
 ATTENTION_FUNCTIONS: dict[str, Callable] = {
     "sdpa": sdpa_attention,
     "flex": flex_attention,
+    "flash": flash_attention,
     "eager": eager_attention,
 }
 
@@ -164,7 +228,10 @@ def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch
                   backend: str) -> torch.Tensor:
     """Queries (B, Hq, T, D) over a cache view k, v (B, Hkv, S, D) with the additive (T, S) mask
     of `cached_bias`. `eager` runs the reference math; every other backend the decode op below,
-    which applies any window through the mask."""
+    which applies any window through the mask. `flash` too, as a fallback: FA4 aligns its causal
+    mask to the last key, but a cache view runs past the positions written so far (the mask,
+    built from the device position, hides them), and the decode op is what captured graphs
+    replay."""
     if q.shape[1] < k.shape[1]:
         q = _broadcast_queries(q, k.shape[1])
     bias = bias.to(q.dtype)

@@ -117,11 +117,16 @@ class TransformerLM(nn.Module):
         static table)."""
         return self.config.max_positions
 
-    def backends(self) -> list[str]:
-        """The attention op each layer runs on the model's current device (`sdpa`, `flex` or
-        `eager`)."""
+    def backends(self, *, seq_len: Optional[int] = None) -> list[str]:
+        """The attention op each layer runs on the model's current device (`sdpa`, `flex`,
+        `flash` or `eager`) for a sequence of `seq_len` tokens (default: max_seq_len), in the
+        model's mode: after `train()` with a backward pass, after `eval()` without. `auto`
+        chooses `flash` by head dim and length (sqt.kernels.AUTO_FLASH), so the answer can
+        differ between lengths; `flash` where it cannot run is a ValueError saying why."""
         device = self.tok_emb.weight.device
-        return [b.attn.backend_for(device) for b in self.blocks]
+        seq_len = self.config.max_seq_len if seq_len is None else seq_len
+        return [b.attn.backend_for(device, seq_len=seq_len, grad=self.training)
+                for b in self.blocks]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -126,17 +126,38 @@ def _check_resumable(saved: dict, model_cfg: LMConfig, cfg: TrainConfig, path: P
             + ", ".join(f"{k} (checkpoint {old.get(k)!r}, now {getattr(cfg, k)!r})" for k in diff))
 
 
+# LMConfig fields that change how a model trains or runs, not the function its weights compute.
+NOT_FUNCTION = ("dropout", "checkpoint_blocks", "backend", "moe_impl")
+
+
+def _initial_weights(init_from, model_cfg: LMConfig) -> dict:
+    """The state dict a run starts from: `init_from` itself, or the model of a checkpoint
+    directory, which must be the model this run trains."""
+    if isinstance(init_from, dict):
+        return init_from
+    model, _ = load_model(init_from)
+    mine, theirs = ({k: v for k, v in c.to_dict().items() if k not in NOT_FUNCTION}
+                    for c in (model_cfg, model.config))
+    if mine != theirs:
+        diff = ", ".join(f"{k} ({theirs[k]!r} there, {mine[k]!r} here)"
+                         for k in mine if mine[k] != theirs.get(k))
+        raise ValueError(f"init_from={str(init_from)!r} holds another model: {diff}")
+    return model.state_dict()
+
+
 def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, *, resume: bool = False,
-          peak_tflops: Optional[float] = None, label: str = "train",
+          init_from=None, peak_tflops: Optional[float] = None, label: str = "train",
           callback: Optional[Callable[[int], None]] = None,
           on_ready: Optional[Callable[[], None]] = None) -> dict:
     """Train `TransformerLM(model_cfg)` on `dataset` (a `sqt.data.TextDataset` or
     `PreparedDataset`: `tokenizer`, `train` and `val` token splits, `describe()`; the checkpoint
     stores its tokenizer as tokenizer.json). With `resume`, continue from the checkpoint in
     `cfg.out_dir` and end exactly where an uninterrupted run would (on CPU; GPU kernels are not
-    bitwise deterministic). `callback(step)` runs after every step. `on_ready()` runs once, when
-    the step is compiled (and captured) and steady-state training begins; a sweep uses it to queue
-    for the device while other runs train. `peak_tflops`: a measured peak for MFU (see peak_for).
+    bitwise deterministic). `init_from` (a state dict, or a checkpoint directory of the same
+    model) replaces the seeded initial weights: a fresh run that starts from a converted or
+    pretrained model; a resumed run ignores it, its checkpoint being newer. `callback(step)` runs
+    after every step. `on_ready()` runs once, when the step is compiled (and captured) and
+    steady-state training begins; a sweep uses it to queue for the device while other runs train. `peak_tflops`: a measured peak for MFU (see peak_for).
     Returns losses, accuracy, curves, the budget, speed (ms/step, tokens/s, MFU) and the model
     (under "model", not JSON)."""
     if model_cfg.vocab_size != dataset.tokenizer.vocab_size:
@@ -170,6 +191,8 @@ def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, *, resume: bool = Fals
 
     torch.manual_seed(cfg.seed)
     model = TransformerLM(model_cfg).to(device)
+    if init_from is not None and not (resume and (out / "train_state.pt").is_file()):
+        model.load_state_dict(_initial_weights(init_from, model_cfg))
     opt = make_optimizer(model, cfg, device, graphed=use_graph)
     sampler = make_feed(dataset.train, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
                         seed=cfg.seed, device=device, on_device=cfg.data_on_device)

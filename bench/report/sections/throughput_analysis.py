@@ -10,6 +10,7 @@ from ..claims import MHA_TIME_OF_PAPER, PAPER_TABLE3, PEAK_FRACTION, SPEEDUP_OVE
     THROUGHPUT_SEQ
 from ..criteria import at_least, at_most, criterion
 from ..markdown import label
+from .throughput_flash import flash_criteria
 
 # (variant, baseline, what is held equal). The theory column is the head-count ratio.
 MATCHED = [
@@ -70,8 +71,8 @@ def series_families(cases: list[dict]) -> dict[tuple, set]:
 
 
 def _expected_family(family: str, sdpa_force: Optional[str]) -> Optional[str]:
-    if family == "flex":
-        return "flex"
+    if family in ("flex", "flash"):
+        return family
     if family.startswith("sdpa-"):
         return family
     return f"sdpa-{sdpa_force}" if sdpa_force and sdpa_force != "none" else None
@@ -110,6 +111,7 @@ def criteria(result: dict, cases: list[dict]) -> list[dict]:
         for seq in [x for x in seqs if x >= 32768]:
             best = max(((tflops(c), c["family"]) for c in cases
                         if c.get("status") == "ok" and c["part"] == "op"
+                        and c.get("mode", "forward") == "forward"
                         and c["model"] == model and c["seq"] == seq and c["variant"] == "mha"),
                        default=None)
             if best:
@@ -135,7 +137,7 @@ def criteria(result: dict, cases: list[dict]) -> list[dict]:
              if len(v) != 1 or (_expected_family(k[3], force) not in (None, *v))]
     out.append(criterion(UNIFORM_BACKEND, f"{len(fams) - len(mixed)}/{len(fams)} tables uniform",
                          "all", None if not fams else not mixed, "; ".join(mixed)))
-    return out
+    return out + flash_criteria(result, cases, peak)
 
 
 def matched(cases: list[dict]) -> list[dict]:

@@ -9,8 +9,12 @@ from ..claims import PAPER_BATCH, PAPER_TABLE3
 from ..criteria import holds
 from ..markdown import label, table_lines, variant_order
 from .throughput_analysis import MATCHED, analyse, peak_used, series_families, tflops
+from .throughput_flash import flash_md
 
 STATUS_CELL = {"oom": "OOM", "skipped": "skipped", "error": "error"}
+# Method notes that newer runs record (older runs read as they did).
+NEWER_SETTINGS = (("op_method", "Op level"), ("weights", "Weights"),
+                  ("layer_memory", "Layer memory"))
 
 
 def cell(c: Optional[dict], op: bool, peak: float) -> str:
@@ -87,7 +91,9 @@ def render_markdown(result: dict, source: str = "", note: Optional[str] = None) 
          f"Forward: {st['forward']}. Train: {st['train']} (lengths up to "
          f"{st.get('train_max_seq') or 'any'})"
          + "".join(f"; {m}: {st[m]}" for m in st.get("modes", []) if m not in ("forward", "train"))
-         + f". {st['compiled']}. Model-level SDPA family: " +
+         + f". {st['compiled']}. "
+         + "".join(f"{name}: {st[key]}. " for key, name in NEWER_SETTINGS if key in st)
+         + "Model-level SDPA family: " +
          (f"forced to the `{st['sdpa_kernel']}` kernel so every head layout runs the same "
           "kernel." if st['sdpa_kernel'] != "none" else "torch's own kernel choice (recorded).")
          + " Attention FLOPs count causal pairs only. Flex rows are a subset of variants by "
@@ -115,6 +121,7 @@ def render_markdown(result: dict, source: str = "", note: Optional[str] = None) 
               + (f" (`{'`, `'.join(k[:80] for k in kernels[:3])}`)" if kernels else ""), ""]
         L += table_lines(["variant"] + [f"{s:,}" for s in seqs], rows) + [""]
     L += matched_md(result["matched"])
+    L += flash_md(cases)
     measured = [k for k in result["criteria"] if k["status"] != "N/A"]
     unmeasured = [k["name"] for k in result["criteria"] if k["status"] == "N/A"]
     L += ["### Criteria (printed by the benchmark, measured in this run)", ""]
