@@ -140,7 +140,9 @@ def test_missing_or_incompatible_checkpoint(tmp_path, capsys, case, match):
     (["--prompt", ""], "--prompt is empty"),
     (["--prompt", "h" * CONTEXT], f"model's context is {CONTEXT}"),
     (["--prompt", "HELLO"], "not in the tokenizer's vocabulary"),
-    (["--prompt", "he", "--stop", "ab"], "single character"),
+    (["--prompt", "he", "--stop", "he"], "'he' is 2 tokens for this tokenizer: expected text "
+                                         "of exactly one token"),
+    (["--prompt", "he", "--stop", "h", "--no-stop"], "not allowed with argument"),
     (["--prompt", "he", "--stop", "Z"], "--stop"),
     (["--prompt", "he", "--top-p", "1.5"], "--top-p=1.5"),
     (["--prompt", "he", "--temperature", "-1"], "--temperature=-1"),

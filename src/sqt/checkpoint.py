@@ -84,7 +84,7 @@ def load_run_tokenizer(path):
         return None
     try:
         tok = load_tokenizer(spec)
-    except ValueError as e:
+    except (TypeError, ValueError) as e:
         raise CheckpointError(f"{str(directory)!r}: unreadable tokenizer: {e}") from None
     vocab = meta["model"].get("vocab_size")
     if isinstance(vocab, int) and tok.vocab_size > vocab:

@@ -73,6 +73,12 @@ class TrainConfig:
         "help": "torch.compile mode, e.g. reduce-overhead (None: torch's default)"})
     cuda_graph: Optional[bool] = field(default=None, metadata={
         "help": "capture the whole step as one CUDA graph and replay it (None: on CUDA)"})
+    data_on_device: Optional[bool] = field(default=None, metadata={
+        "help": "true: upload the training split and gather windows on the device; false: "
+                "gather them on the host from where the split is (a prepared dataset's memmap) "
+                "and copy each batch over while the step before runs. The same batches either "
+                "way (None: upload when the split's int64 tokens take at most a tenth of the "
+                "free device memory, or of the free RAM on the CPU)"})
     dtype: str = field(default="auto", metadata={
         "help": "autocast dtype: auto (bfloat16 on CUDA, float32 on the CPU), float32 or "
                 "bfloat16"})
@@ -181,8 +187,8 @@ def check_compile_mode(mode) -> None:
 
 
 # Fields that may differ between a run and its resumption without changing the result.
-RESUME_FREE = ("device", "compile", "compile_mode", "cuda_graph", "out_dir", "checkpoint_every",
-               "progress", "log", "overwrite")
+RESUME_FREE = ("device", "compile", "compile_mode", "cuda_graph", "data_on_device", "out_dir",
+               "checkpoint_every", "progress", "log", "overwrite")
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(LMConfig))
 TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 

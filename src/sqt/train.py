@@ -25,8 +25,8 @@ from .moe import cuda_graph_blocker
 from .progress import Reporter
 from .resume import check_resumable, curves_bytes, finished, initial_weights, restore
 from .runconfig import TrainConfig
-from .utils import check_token_ids, peak_for, resolve_device, run_record
-from .windows import Sampler, fixed_windows, split_tokens
+from .utils import check_split_ids, peak_for, resolve_device, run_record
+from .windows import fixed_windows, make_feed
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -152,12 +152,13 @@ def _train(model_cfg, cfg, dataset, *, run: Optional[RunDirectory], resume, init
            run_file, peak_tflops, label, callback, on_ready) -> dict:
     name = dataset.describe().get("name")
     # Token ids enter here, once: the step itself never checks them (it must not synchronise).
-    train_tokens = split_tokens(dataset.train)
-    val_tokens = split_tokens(dataset.val)
-    for split, tokens in (("train", train_tokens), ("val", val_tokens)):
-        check_token_ids(tokens, model_cfg.vocab_size, name=f"dataset {name!r} {split} split")
-    budget = cfg.budget(train_tokens.numel())
-    cfg = cfg.resolve(train_tokens.numel())
+    # The splits stay where they are (a memmap is read in chunks, never held whole).
+    for split in ("train", "val"):
+        check_split_ids(getattr(dataset, split), model_cfg.vocab_size,
+                        name=f"dataset {name!r} {split} split")
+    n_train = len(dataset.train)
+    budget = cfg.budget(n_train)
+    cfg = cfg.resolve(n_train)
     device = resolve_device(cfg.device)
     cuda = device.type == "cuda"
     if cuda:
@@ -181,8 +182,10 @@ def _train(model_cfg, cfg, dataset, *, run: Optional[RunDirectory], resume, init
     if init_from is not None and not (resume and run.checkpoint() is not None):
         model.load_state_dict(initial_weights(init_from, model_cfg))
     opt = make_optimizer(model, cfg, device, graphed=use_graph)
-    sampler = Sampler(train_tokens.to(device), cfg.batch_size, cfg.seq_len, cfg.seed)
-    val_x, val_y = fixed_windows(val_tokens, cfg.eval_batches * cfg.batch_size, cfg.seq_len,
+    sampler = make_feed(dataset.train, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                        seed=cfg.seed, device=device, on_device=cfg.data_on_device)
+    info["data_feed"] = sampler.kind
+    val_x, val_y = fixed_windows(dataset.val, cfg.eval_batches * cfg.batch_size, cfg.seq_len,
                                  device)
     step, curves, best = 0, [], (math.inf, None)
     loss_sum = torch.zeros((), device=device)
@@ -384,7 +387,8 @@ def _result(model, cfg, budget, dataset, info: dict, curves, best, label, *,
         "dataset": dataset.describe(),
         "params": model.num_params(),
         "device": info["device"], "dtype": info["dtype"], "compiled": info["compiled"],
-        "cuda_graph": info["cuda_graph"], "compile_mode": cfg.compile_mode,
+        "cuda_graph": info["cuda_graph"], "data_feed": info["data_feed"],
+        "compile_mode": cfg.compile_mode,
         "best_val_loss": best[0], "best_step": best[1],
         "final_val_loss": last.get("val_loss"), "final_train_loss": last.get("train_loss"),
         "final_val_acc": last.get("val_acc"),

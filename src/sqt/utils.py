@@ -13,6 +13,7 @@ import secrets
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -120,6 +121,20 @@ def check_token_ids(idx, vocab_size: int, *, name: str = "idx") -> None:
         where = tuple(int(i) for i in (idx == bad).nonzero()[0])
         raise ValueError(f"{name} holds token id {bad} at {list(where)}: expected ids in "
                          f"[0, {vocab_size}) (vocab_size={vocab_size})")
+
+
+def check_split_ids(split, vocab_size: int, *, name: str, chunk: int = 1 << 24) -> None:
+    """Every id of a token split (a numpy array or memmap, or a tensor) in [0, vocab_size),
+    read a chunk at a time so that a memmap is streamed, never held in memory whole."""
+    if isinstance(split, torch.Tensor):
+        return check_token_ids(split.reshape(1, -1), vocab_size, name=name)
+    for start in range(0, len(split), chunk):
+        part = np.asarray(split[start:start + chunk])
+        if part.size and (int(part.min()) < 0 or int(part.max()) >= vocab_size):
+            bad = np.flatnonzero((part < 0) | (part >= vocab_size))[0]
+            raise ValueError(f"{name} holds token id {int(part[bad])} at position "
+                             f"{start + int(bad)}: expected ids in [0, {vocab_size}) "
+                             f"(vocab_size={vocab_size})")
 
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from NVIDIA's data sheets, matched against
