@@ -15,7 +15,22 @@ from typing import Callable, Iterable
 
 import torch
 
-from sqt.utils import atomic_write_json, run_record  # noqa: F401  (re-exported for benchmarks)
+from sqt.utils import atomic_write_json, is_out_of_memory, run_record  # noqa: F401  (re-exported)
+
+
+def failure_of(error: BaseException) -> dict | None:
+    """How a sweep records a run that failed and goes on: a loss that stopped being finite, or
+    memory that ran out, as {"kind", "reason", "step"}. None for any other error, which is a bug
+    and propagates."""
+    from sqt.divergence import NonFiniteLoss
+    if isinstance(error, NonFiniteLoss):
+        return {"kind": "non-finite loss", "reason": str(error), "step": error.step}
+    if is_out_of_memory(error):
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()   # what the failed run held, for the runs after it
+        return {"kind": "out of memory", "reason": str(error).strip().splitlines()[0][:300],
+                "step": None}
+    return None
 
 
 def sync(device) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import re
 import signal
 import time
 import traceback
@@ -21,36 +20,29 @@ _COORD: Optional[Coordinator] = None     # the grid's coordinator, in this proce
 _TASK_START = None                       # when this process was handed its current run
 
 
-def failure_kind(exc: BaseException) -> str:
-    """What went wrong, in the words a grid's record uses: out of memory, non-finite loss (the
-    trainer's NonFiniteLoss, or a message that says so) or error (anything else: a bug, whose
-    message and traceback the record keeps)."""
-    text = f"{type(exc).__name__}: {exc}".lower()
-    if isinstance(exc, MemoryError) or "outofmemory" in text or "out of memory" in text:
-        return "out of memory"
-    if type(exc).__name__ == "NonFiniteLoss" or re.search(
-            r"\bnan\b|\binf\b|non-finite|not finite|diverge", text):
-        return "non-finite loss"
-    return "error"
-
-
-def _failed(kind: str, reason: str, step=None, **more) -> dict:
+def _failed(failed: dict, error: str, **more) -> dict:
     # `failed` is the sweep summary's shape (kind, reason, step); `failure`/`error` the grid's.
-    return {"status": "failed", "failure": kind, "error": reason,
-            "failed": {"kind": kind, "reason": reason.splitlines()[0][:300] if reason else kind,
-                       "step": step}, **more}
+    return {"status": "failed", "failure": failed["kind"], "error": error, "failed": failed,
+            **more}
 
 
 def failed_record(exc: BaseException) -> dict:
-    return _failed(failure_kind(exc), f"{type(exc).__name__}: {exc}"[:2000],
-                   getattr(exc, "step", None),
-                   traceback=traceback.format_exc(limit=8)[-4000:])
+    """A run that raised: a non-finite loss or memory that ran out as bench.common.failure_of
+    names them (the one classifier of the sweeps), anything else as an error with its
+    traceback. Unlike a lone sweep, a grid records that too and goes on: one bad run must not
+    cost the GPU time of the others."""
+    from .common import failure_of
+    error = f"{type(exc).__name__}: {exc}"
+    failed = failure_of(exc) or {"kind": "error", "reason": error.splitlines()[0][:300],
+                                 "step": None}
+    return _failed(failed, error[:2000], traceback=traceback.format_exc(limit=8)[-4000:])
 
 
 def crash_record(exitcode: int) -> dict:
     how = (f"signal {signal.Signals(-exitcode).name}" if exitcode < 0 and
            -exitcode in signal.valid_signals() else f"exit code {exitcode}")
-    return _failed("crash", f"the worker process ended ({how}) during the run")
+    why = f"the worker process ended ({how}) during the run"
+    return _failed({"kind": "crash", "reason": why, "step": None}, why)
 
 
 def skipped_record(reason: str) -> dict:

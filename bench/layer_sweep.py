@@ -14,15 +14,18 @@ from sqt.config import PRESETS, SEED_SIZES, hybrid_layers, preset
 from sqt.utils import atomic_write_json
 
 from .common import show_run
-from .sweep import (SIZE_HPARAMS, aggregate, check_args, common_args, execute, hparams,
-                    ok_runs)
+from .sweep import (SIZE_HPARAMS, aggregate, check_args, common_args, execute, failed_rows,
+                    hparams, ok_runs)
 
 
 def largest_within(rows: list[dict], tolerance: float):
     """The largest N whose mean best-val ppl is at most (1 + tolerance) x that of N = 0. Larger N
     that pass after a failing one still count: the question is how far SQT can go, and each N is
     its own model."""
-    base = next(r for r in rows if r["n_sqt"] == 0)["best_val_ppl"]["mean"]
+    base = next((r for r in rows if r["n_sqt"] == 0), None)
+    if base is None:
+        return None, None   # the baseline run failed: nothing to compare against
+    base = base["best_val_ppl"]["mean"]
     ok = [r["n_sqt"] for r in rows if r["best_val_ppl"]["mean"] <= (1 + tolerance) * base]
     return max(ok), base * (1 + tolerance)
 
@@ -71,7 +74,8 @@ def main(argv=None) -> int:
                "seeds": args.seeds, "batch_size": tc["batch_size"], "seq_len": tc["seq_len"],
                "tolerance": args.tolerance, "ppl_limit": limit, "largest_n_within": best_n,
                "hparams": hparams(args.size, record["device_type"], SIZE_HPARAMS),
-               "overrides": {"lr": args.lr, "dropout": args.dropout}, "rows": rows}
+               "overrides": {"lr": args.lr, "dropout": args.dropout}, "rows": rows,
+               "failed": failed_rows(results)}
     atomic_write_json(run_dir / "summary.json", summary)
     show_run(run_dir / "summary.json", record["total_wall_s"])
     return 0

@@ -24,7 +24,7 @@ from sqt.rundata import CORPUS_SEED, token_windows
 from sqt.runconfig import recipe
 from sqt.train import train
 from sqt.utils import atomic_write_json
-from sqt.windows import fixed_windows, split_tokens
+from sqt.windows import fixed_windows
 
 SUMMARY_KEYS = ("label", "role", "seed", "steps", "variant", "target", "fraction", "eval_loss",
                 "params", "wall_s", "ms_per_step", "q_share_layers")
@@ -78,8 +78,7 @@ def configs(common: dict, layers, seed: int, steps: int):
 def windows_for(common: dict) -> dict:
     """The text every seed is scored, probed and converted on."""
     data, (_, tcfg) = dataset(common["data"]), configs(common, "mha", 0, 1)
-    x, y = fixed_windows(split_tokens(data.val), tcfg.eval_batches * tcfg.batch_size,
-                         tcfg.seq_len, "cpu")
+    x, y = fixed_windows(data.val, tcfg.eval_batches * tcfg.batch_size, tcfg.seq_len, "cpu")
     return {"eval": torch.cat([x, y[:, -1:]], 1),
             "probe": token_windows(data.val, common["probe_tokens"], tcfg.seq_len),
             "corpus": token_windows(data.train, common["corpus_tokens"], tcfg.seq_len,
@@ -96,7 +95,9 @@ def train_task(spec: dict, common: dict) -> dict:
     data = dataset(common["data"])
     mcfg, tcfg = configs(common, spec["layers"], spec["seed"], spec["steps"])
     if spec["role"] == "base":
-        tcfg = dataclasses.replace(tcfg, out_dir=str(Path(common["run_dir"]) / spec["model_dir"]))
+        # A base without its run JSON was cut short: it trains again, over what it left.
+        tcfg = dataclasses.replace(tcfg, out_dir=str(Path(common["run_dir"]) / spec["model_dir"]),
+                                   overwrite=True)
     result = run_train(mcfg, tcfg, data, label=spec["label"])
     model = result.pop("model")
     text = windows_for(common)

@@ -273,12 +273,15 @@ def common_args(p: argparse.ArgumentParser) -> None:
 
 
 def check_args(args) -> None:
+    from sqt.runconfig import check_compile_mode
     for name in ("steps", "seeds", "jobs", "device_slots", "batch_size", "seq_len",
                  "eval_batches"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)}: expected >= 1")
     if args.max_minutes is not None and not args.max_minutes > 0:
         raise ValueError(f"--max-minutes={args.max_minutes}: expected a number of minutes > 0")
+    check_compile_mode(args.compile_mode)
+    resolve_device(args.device, name="--device")
 
 
 def build_parser() -> argparse.ArgumentParser:

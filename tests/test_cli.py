@@ -99,7 +99,9 @@ def _broken(tmp_path, edit) -> str:
                                    n_layers=1, d_ff=16, max_seq_len=16))
     directory = save_model(tmp_path / "c", model, meta={"tokenizer": tok.to_dict()})
     cfg = json.loads((directory / "config.json").read_text())
-    edit(directory, cfg)
+    if edit is not None:   # as an older checkpoint, which had no manifest to tell edits
+        (directory / "manifest.json").unlink()
+        edit(directory, cfg)
     (directory / "config.json").write_text(json.dumps(cfg))
     return str(directory)
 
@@ -110,10 +112,14 @@ def _broken(tmp_path, edit) -> str:
     ("vocab_mismatch", "vocab_size is"),
     ("bad_field", "incompatible model config"),
     ("no_weights", "model.safetensors' is missing"),
+    ("edited", "config.json' was changed after the set was written"),
 ])
 def test_missing_or_incompatible_checkpoint(tmp_path, capsys, case, match):
     if case == "missing":
         directory = str(tmp_path / "nowhere")
+    elif case == "edited":
+        directory = _broken(tmp_path, None)
+        (Path(directory) / "config.json").write_text("{}")
     else:
         def edit(d, cfg):
             if case == "no_tokenizer":
@@ -134,7 +140,9 @@ def test_missing_or_incompatible_checkpoint(tmp_path, capsys, case, match):
     (["--prompt", ""], "--prompt is empty"),
     (["--prompt", "h" * CONTEXT], f"model's context is {CONTEXT}"),
     (["--prompt", "HELLO"], "not in the tokenizer's vocabulary"),
-    (["--prompt", "he", "--stop", "ab"], "single character"),
+    (["--prompt", "he", "--stop", "he"], "'he' is 2 tokens for this tokenizer: expected text "
+                                         "of exactly one token"),
+    (["--prompt", "he", "--stop", "h", "--no-stop"], "not allowed with argument"),
     (["--prompt", "he", "--stop", "Z"], "--stop"),
     (["--prompt", "he", "--top-p", "1.5"], "--top-p=1.5"),
     (["--prompt", "he", "--temperature", "-1"], "--temperature=-1"),
@@ -288,12 +296,14 @@ def test_log_lines_reach_a_pipe():
 @settings(max_examples=60, deadline=None)
 @given(lr=st.floats(1e-9, 1e3), norm_eps=st.floats(1e-12, 0.5), rope_base=st.floats(1.0, 1e9),
        text=st.text(max_size=12), layers=st.sampled_from(["mha", ("sqt", "mha"), "4/2@7"]),
-       tie=st.booleans(), steps=st.integers(1, 10**9))
+       tie=st.booleans(), steps=st.integers(1, 10**9),
+       mode=st.sampled_from([None, "default", "reduce-overhead", "max-autotune"]))
 def test_a_run_file_reads_back_as_the_run_it_was_written_from(tmp_path_factory, lr, norm_eps,
-                                                             rope_base, text, layers, tie, steps):
+                                                             rope_base, text, layers, tie, steps,
+                                                             mode):
     model = LMConfig(d_model=16, n_heads=4, n_layers=2, norm_eps=norm_eps, rope_base=rope_base,
                      layers=layers, tie_embeddings=tie)
-    train_cfg = TrainConfig(steps=steps, lr=lr, min_lr=lr / 3, compile_mode=text or None)
+    train_cfg = TrainConfig(steps=steps, lr=lr, min_lr=lr / 3, compile_mode=mode)
     path = tmp_path_factory.mktemp("run") / "run.toml"
     path.write_text(run_file_text(preset_name="tiny", data=text, model=model, train=train_cfg),
                     encoding="utf-8")

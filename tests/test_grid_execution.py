@@ -5,8 +5,6 @@ window; and the classification of failures."""
 
 import multiprocessing
 
-import pytest
-
 import grid_tasks
 from bench import execution
 from bench.device_slots import Coordinator, RunHooks
@@ -82,14 +80,17 @@ def test_the_parent_takes_back_what_a_dead_worker_held():
     assert coord.gate.acquire(timeout=1)
 
 
-@pytest.mark.parametrize("message, kind", [
-    ("CUDA out of memory. Tried to allocate 20.00 MiB", "out of memory"),
-    ("loss is nan at step 12", "non-finite loss"),
-    ("non-finite loss at step 3", "non-finite loss"),
-    ("shape mismatch", "error"),
-])
-def test_failures_are_named(message, kind):
-    assert execution.failure_kind(RuntimeError(message)) == kind
+def test_failures_are_named_as_the_sweeps_name_them():
+    from sqt.divergence import NonFiniteLoss
+    nan = NonFiniteLoss(what="training loss", value=float("nan"), step=12, kept_step=None,
+                        where=None)
+    cases = [(RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB"), "out of memory",
+              None), (nan, "non-finite loss", 12), (ValueError("shape mismatch"), "error", None)]
+    for exc, kind, step in cases:
+        r = execution.failed_record(exc)
+        assert (r["status"], r["failure"], r["failed"]["kind"], r["failed"]["step"]) == (
+            "failed", kind, kind, step)
+        assert type(exc).__name__ in r["error"]
 
 
 def test_a_terminated_grid_ends_its_workers(tmp_path):

@@ -15,6 +15,7 @@ from sqt import LMConfig, TransformerLM  # noqa: E402
 from sqt.checkpoint import load_model, save_model  # noqa: E402
 from sqt.generate import generate  # noqa: E402
 from sqt.hf import export_checkpoint, export_hf, import_checkpoint, import_hf  # noqa: E402
+from sqt.tokenizer import load_tokenizer  # noqa: E402
 
 VOCAB, SEQ = 97, 32
 
@@ -221,8 +222,9 @@ def test_tokenizer_loads_with_autotokenizer_and_round_trips(kind, tmp_path):
 
 def test_checkpoint_directories_round_trip(tmp_path):
     model = sqt_model("rsqa")
-    save_model(tmp_path / "run", model, meta={"step": 1})
-    char_tokenizer_json(tmp_path / "run" / "tokenizer.json", TEXT)
+    char_tokenizer_json(tmp_path / "tokenizer.json", TEXT)
+    save_model(tmp_path / "run", model, meta={"step": 1},
+               tokenizer=load_tokenizer(tmp_path / "tokenizer.json"))
     export_checkpoint(tmp_path / "run", tmp_path / "hf")
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").decode([0, 1]) == "\t\n"
     import_checkpoint(tmp_path / "hf", tmp_path / "back")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sqt.checkpoint import CheckpointError, load_model
+from sqt.checkpoint import CheckpointError, load_model, load_run_tokenizer
 from sqt.config import DEVICE_TYPES, PRESETS, RECIPES, SEED_SIZES, LMConfig, recipe_settings
 from sqt.data import dataset_from_text, load_tinyshakespeare
 from sqt.model import TransformerLM
@@ -79,21 +79,22 @@ def test_checkpoint_round_trip_gives_identical_logits(data, tmp_path):
     x = torch.from_numpy(data.val[:32].astype(np.int64))[None]
     with torch.no_grad():
         assert torch.equal(loaded(x), r["model"].eval()(x))
-    assert meta["tokenizer"] == data.tokenizer.to_dict() and meta["step"] == 8
+    assert load_run_tokenizer(tmp_path) == data.tokenizer and meta["step"] == 8
     curves = [json.loads(line) for line in (tmp_path / "curves.jsonl").read_text().splitlines()]
     assert curves == r["curves"]
 
 
 def test_corrupted_checkpoint_gives_a_clear_error(data, tmp_path):
     train(MODEL, cfg(out_dir=str(tmp_path)), data)
-    weights = tmp_path / "model.safetensors"
+    (tmp_path / "checkpoint" / "manifest.json").unlink()   # as an unchecked model directory
+    weights = tmp_path / "checkpoint" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="model.safetensors.*corrupt"):
         load_model(tmp_path)
-    (tmp_path / "config.json").write_text('{"format": 1, "model": ')
+    (tmp_path / "checkpoint" / "config.json").write_text('{"format": 1, "model": ')
     with pytest.raises(CheckpointError, match="config.json.*not valid JSON"):
         load_model(tmp_path)
-    (tmp_path / "train_state.pt").write_bytes(b"garbage")
+    (tmp_path / "checkpoint" / "train_state.json").write_bytes(b"garbage")
     with pytest.raises(CheckpointError):
         train(MODEL, cfg(out_dir=str(tmp_path)), data, resume=True)
 
@@ -244,7 +245,7 @@ def test_budgets_resolve_to_whole_steps():
     assert resolved.steps == 7 and resolved.eval_every == 1
     with pytest.raises(ValueError, match="steps=5, tokens=10: expected one budget"):
         TrainConfig(steps=5, tokens=10)
-    with pytest.raises(ValueError, match="epochs=0: expected a number > 0"):
+    with pytest.raises(ValueError, match="epochs=0: expected a finite number > 0"):
         TrainConfig(epochs=0)
     with pytest.raises(ValueError, match="grad_accum=3: expected a divisor of batch_size=8"):
         TrainConfig(batch_size=8, grad_accum=3)
@@ -284,3 +285,32 @@ def test_every_preset_has_a_recipe_of_known_settings():
             assert model.max_seq_len >= train_cfg.seq_len
     with pytest.raises(ValueError, match="setting 'learning_rate': expected a field of LMConfig"):
         recipe("tiny", device_type="cpu", learning_rate=1.0)
+
+
+def test_a_sweep_records_failed_runs_and_goes_on(tmp_path, capsys, monkeypatch):
+    """A run whose loss turns NaN and one that runs out of memory are recorded as failed, with
+    the reason, and left out of the means; the other runs finish and the report lists both."""
+    import sqt.train as trainer
+    from bench import sweep
+    real = trainer.train
+
+    def flaky(model_cfg, train_cfg, data, **kw):
+        if model_cfg.layers == "xsqa":
+            raise trainer.NonFiniteLoss(what="training loss", value=math.nan, step=3,
+                                        kept_step=None, where=None)
+        if model_cfg.layers == "gqa":
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model_cfg, train_cfg, data, **kw)
+    monkeypatch.setattr(trainer, "train", flaky)
+    out = tmp_path / "results"
+    assert sweep.main(["--sizes", "tiny", "--variants", "mha", "xsqa", "gqa", "--steps", "2",
+                       "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1",
+                       "--device", "cpu", "--no-latency", "--no-plot", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    (summary,) = (out / "sweep").glob("*/summary.json")
+    s = json.loads(summary.read_text())
+    assert [r["variant"] for r in s["rows"]] == ["mha"]
+    assert {(f["variant"], f["kind"], f["step"]) for f in s["failed"]} == {
+        ("xsqa", "non-finite loss", 3), ("gqa", "out of memory", None)}
+    assert "### Failed runs" in printed and "| tiny | gqa | 0 | out of memory |" in printed
+    assert "became nan at step 3" in printed

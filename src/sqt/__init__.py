@@ -10,11 +10,17 @@ from .config import HEAD_LAYOUTS, PRESETS, SEED_SIZES, VARIANTS, LayerSpec, LMCo
 from .generate import generate, sample_next, stream
 from .model import BaselineLM, HybridLM, SQTLM, TransformerLM
 from .moe import MoE
+from .tokenizer import load_tokenizer
+
+from_pretrained = TransformerLM.from_pretrained
+"""`sqt.from_pretrained(DIR)`: the model of a model directory (`model.save_pretrained(DIR)`),
+or of a checkpoint or run directory."""
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Attention", "BaselineLM", "HEAD_LAYOUTS", "HybridLM", "KVCache", "LMConfig", "LayerSpec",
     "MoE", "PRESETS", "SEED_SIZES", "SQTLM", "TransformerLM", "VARIANTS", "active_param_count",
-    "attention_layer", "generate", "param_count", "parse_layer", "preset", "sample_next", "stream",
+    "attention_layer", "from_pretrained", "generate", "load_tokenizer", "param_count",
+    "parse_layer", "preset", "sample_next", "stream",
 ]

@@ -1,120 +1,212 @@
-"""Checkpoint directories: `model.safetensors` (weights), `config.json` (model config, tokenizer
-and free-form metadata) and, for training runs, `train_state.pt` (optimizer, scheduler step, RNG).
-Every file is written atomically, the config last, so a directory with a config is complete."""
+"""Checkpoints and run directories; nothing lost, nothing executed.
+
+A checkpoint directory is a model directory (config.json, model.safetensors, tokenizer.json) plus
+the train state (train_state.safetensors + train_state.json: no pickle) and a manifest of every
+file's size and sha256, written last. It is written as one set (sqt.fileset): beside it, fsynced,
+then renamed into place, so it is complete or absent, and a file changed afterwards is an error.
+
+A run directory (`sqt train --out-dir RUN`) holds run-level files (config.toml, curves.jsonl,
+result.json) and its checkpoint in `RUN/checkpoint/`. `RunDirectory.claim` locks it for one
+training process at a time and refuses to replace a run unless asked (resume or overwrite).
+
+Readers accept a run directory, a checkpoint or model directory, and older runs whose files
+stand at the top of the run directory (the tokenizer then a dict in config.json)."""
 
 from __future__ import annotations
 
-import io
-import json
+import contextlib
+import os
+import shutil
+import sys
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
-import torch
-
-from .config import LMConfig
+from .fileset import aside, pending, point, recover, settled, write_set
 from .model import TransformerLM
-from .utils import atomic_write_bytes, atomic_write_json
+from .modeldir import (CHECKPOINT_DIR, CHECKPOINT_FILES, CONFIG, LEGACY_TRAIN_STATE as LEGACY_STATE,
+                       TOKENIZER, WEIGHTS, CheckpointError, find_model_dir, load, model_files,
+                       read_config as _read_config)
+from .trainstate import read_state, state_files
+from .utils import atomic_write_bytes
 
-WEIGHTS, CONFIG, TRAIN_STATE = "model.safetensors", "config.json", "train_state.pt"
-TOKENIZER = "tokenizer.json"
-FORMAT_VERSION = 1
+try:
+    import fcntl
+except ImportError:   # not POSIX: runs are not locked
+    fcntl = None
+
+__all__ = ["CHECKPOINT_DIR", "CheckpointError", "RunDirectory", "load_model", "load_run_tokenizer",
+           "load_train_state", "read_config", "resolve", "save_model"]
+
+RUN_FILES = ("config.toml", "curves.jsonl", "result.json")
+LOCK = ".lock"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint directory that is missing, incomplete, corrupt or incompatible."""
+def resolve(path) -> Path:
+    """The checkpoint (or model) directory that `path` names: a run directory's checkpoint, the
+    directory itself, or an older run's top level."""
+    return find_model_dir(path)
 
 
 def save_model(directory, model: TransformerLM, *, tokenizer=None, meta: Optional[dict] = None,
                train_state: Optional[dict] = None) -> Path:
-    """Write `model` (and its `tokenizer`, as tokenizer.json, when given) into `directory`."""
-    from safetensors.torch import save as st_save
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    if tokenizer is not None:
-        atomic_write_bytes(directory / TOKENIZER, tokenizer.to_json().encode("utf-8"))
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if model.config.tie_embeddings:
-        state.pop("lm_head.weight", None)  # safetensors refuses shared storage; re-tied on load
-    atomic_write_bytes(directory / WEIGHTS, st_save(state))
+    """Write `directory` as one checkpoint: the model directory (config.json with `meta` beside
+    the model config, model.safetensors, tokenizer.json when a tokenizer is given), the train
+    state when given, and the manifest, all or nothing. An existing checkpoint there is replaced;
+    a directory holding other files is refused."""
+    model = getattr(model, "_orig_mod", model)   # torch.compile's wrapper prefixes every name
+    if not isinstance(model, TransformerLM):
+        raise ValueError(f"model is a {type(model).__name__}: expected an sqt TransformerLM")
+    files = model_files(model.config, model.state_dict(), tokenizer=tokenizer, meta=meta)
     if train_state is not None:
-        buf = io.BytesIO()
-        torch.save(train_state, buf)
-        atomic_write_bytes(directory / TRAIN_STATE, buf.getvalue())
-    atomic_write_json(directory / CONFIG, {"format": FORMAT_VERSION,
-                                           "model": model.config.to_dict(), **(meta or {})})
-    return directory
+        files.update(state_files(train_state))
+    return write_set(directory, files, replaceable=CHECKPOINT_FILES,
+                     manifest={"step": (meta or {}).get("step")})
 
 
-def read_config(directory) -> dict:
-    directory = Path(directory)
-    path = directory / CONFIG
-    if not directory.is_dir():
-        raise CheckpointError(f"checkpoint directory {str(directory)!r} does not exist")
-    if not path.is_file():
-        raise CheckpointError(f"{str(path)!r} is missing: {str(directory)!r} is not a complete "
-                              f"checkpoint (expected {CONFIG} and {WEIGHTS})")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{str(path)!r} is not valid JSON ({e}); the checkpoint is "
-                              "corrupt") from None
-    if meta.get("format") != FORMAT_VERSION or "model" not in meta:
-        raise CheckpointError(f"{str(path)!r} has format={meta.get('format')!r}: expected "
-                              f"format {FORMAT_VERSION} with a 'model' section")
-    return meta
+def read_config(path) -> dict:
+    """config.json of the checkpoint at `path` (any form `resolve` accepts)."""
+    return _read_config(resolve(path))
 
 
-def load_model(directory, device="cpu") -> tuple[TransformerLM, dict]:
-    """The model (in eval mode) and the checkpoint's metadata."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    directory = Path(directory)
-    meta = read_config(directory)
-    try:
-        cfg = LMConfig.from_dict(meta["model"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{str(directory / CONFIG)!r}: incompatible model config: {e}") \
-            from None
-    if not (directory / WEIGHTS).is_file():
-        raise CheckpointError(f"{str(directory / WEIGHTS)!r} is missing")
-    try:
-        state = load_file(str(directory / WEIGHTS))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{str(directory / WEIGHTS)!r} cannot be read ({e}); the "
-                              "checkpoint is corrupt") from None
-    model = TransformerLM(cfg)
-    if cfg.tie_embeddings:
-        state["lm_head.weight"] = state.get("tok_emb.weight")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"{str(directory / WEIGHTS)!r} does not match its config: "
-                              f"{str(e).splitlines()[0]}") from None
-    return model.to(device).eval(), meta
-
-
-def load_train_state(directory) -> Optional[dict]:
-    path = Path(directory) / TRAIN_STATE
-    if not path.is_file():
-        return None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch raises several types for truncated or garbled pickles
-        raise CheckpointError(f"{str(path)!r} cannot be read ({type(e).__name__}); the "
-                              "checkpoint is corrupt") from None
+def load_model(path, device="cpu") -> tuple[TransformerLM, dict]:
+    """The model (in eval mode) and the config.json metadata of the checkpoint at `path`."""
+    return load(TransformerLM, path, device)
 
 
 def load_run_tokenizer(path):
-    """The tokenizer of a checkpoint directory: its tokenizer.json, else the character tokenizer
-    an older run recorded in config.json; None when it has neither (e.g. a model imported from
-    Hugging Face without one)."""
+    """The tokenizer of the checkpoint at `path`: its tokenizer.json, or the character
+    tokenizer an older run kept in config.json; None when it has neither."""
     from .tokenizer import load_tokenizer
-    directory = Path(path)
-    spec = (directory / TOKENIZER if (directory / TOKENIZER).is_file()
-            else read_config(directory).get("tokenizer"))
+    directory = resolve(path)
+    meta = _read_config(directory)
+    spec = directory / TOKENIZER if (directory / TOKENIZER).is_file() else meta.get("tokenizer")
     if spec is None:
         return None
     try:
-        return load_tokenizer(spec)
+        tok = load_tokenizer(spec)
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{str(directory)!r}: incompatible tokenizer: {e}") from None
+        raise CheckpointError(f"{str(directory)!r}: unreadable tokenizer: {e}") from None
+    vocab = meta["model"].get("vocab_size")
+    if isinstance(vocab, int) and tok.vocab_size > vocab:
+        raise CheckpointError(f"{str(directory)!r}: the tokenizer has {tok.vocab_size} tokens "
+                              f"but the model's vocab_size is {vocab}")
+    return tok
+
+
+def load_train_state(path) -> Optional[dict]:
+    """The checked train state of the checkpoint at `path`, or None when it has none."""
+    return read_state(resolve(path))
+
+
+class RunDirectory:
+    """`sqt train --out-dir PATH`: the run-level files and the checkpoint directory. Every write
+    happens while `claim` holds the directory."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.checkpoint_path = self.path / CHECKPOINT_DIR
+        self._lock_fd: Optional[int] = None
+
+    # -- what is there --------------------------------------------------------------------------
+
+    def checkpoint(self) -> Optional[Path]:
+        """The complete checkpoint to resume from: `checkpoint/` (or the previous one a killed
+        save kept aside), else an older run's files at the top; None when there is none."""
+        found = settled(self.checkpoint_path)
+        if found is not None:
+            return found
+        return self.path if (self.path / CONFIG).is_file() else None
+
+    def existing(self) -> list[str]:
+        """What a new run would replace: run files, checkpoints (finished or not)."""
+        names = [n for n in RUN_FILES + (CONFIG, WEIGHTS, LEGACY_STATE)
+                 if (self.path / n).exists()]
+        kept = [self.checkpoint_path, aside(self.checkpoint_path)]
+        names += [p.name + "/" for p in kept + pending(self.checkpoint_path) if p.exists()]
+        return names
+
+    def check(self, *, resume: bool, overwrite: bool) -> None:
+        """Refuse what `claim` would refuse, without taking the directory: a run already there,
+        neither resumed nor overwritten; a path that is a file; both resume and overwrite."""
+        if resume and overwrite:
+            raise ValueError("resume=True and overwrite=True: expected at most one (resume "
+                             "continues the run in out_dir, overwrite starts it again)")
+        if self.path.exists() and not self.path.is_dir():
+            raise ValueError(f"out_dir={str(self.path)!r} is a file: expected a directory")
+        found = self.existing() if self.path.is_dir() else []
+        if found and not (resume or overwrite):
+            raise CheckpointError(
+                f"out_dir={str(self.path)!r} already holds a run ({', '.join(found)}): "
+                "resume it (--resume), replace it (--overwrite) or choose another out_dir")
+
+    # -- holding it -----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def claim(self, *, resume: bool, overwrite: bool) -> Iterator["RunDirectory"]:
+        """Hold the directory for one training process: lock it (a second process is refused;
+        the lock dies with its process, so a killed run never blocks the next), finish a save a
+        kill interrupted, then refuse to replace a run unless `resume` (continue it) or
+        `overwrite` (delete its files and start again)."""
+        self.check(resume=resume, overwrite=overwrite)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"out_dir={str(self.path)!r} cannot be created ({e.strerror})") \
+                from None
+        self._lock()
+        try:
+            recover(self.checkpoint_path)
+            self.check(resume=resume, overwrite=overwrite)   # again, now that it is ours
+            if overwrite and self.existing():
+                self._clear()
+            yield self
+        finally:
+            self._unlock()
+
+    def _lock(self) -> None:
+        if fcntl is None:
+            return
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise CheckpointError(
+                f"out_dir={str(self.path)!r} is in use: another process (pid {holder}) is "
+                "training into it; wait for it to end or choose another out_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)   # closing releases the lock; the file stays, harmless
+            self._lock_fd = None
+
+    def _clear(self) -> None:
+        for name in RUN_FILES + (CONFIG, WEIGHTS, LEGACY_STATE):
+            (self.path / name).unlink(missing_ok=True)
+        for path in [self.checkpoint_path, aside(self.checkpoint_path)] + pending(
+                self.checkpoint_path):
+            shutil.rmtree(path, ignore_errors=True)
+        print(f"note: out_dir={str(self.path)!r}: the previous run's files were deleted "
+              "(overwrite)", file=sys.stderr)
+
+    # -- writing --------------------------------------------------------------------------------
+
+    def write(self, name: str, data: bytes) -> None:
+        """A run-level file, atomically."""
+        point(f"writing {name}")
+        atomic_write_bytes(self.path / name, data)
+
+    def save(self, model: TransformerLM, *, tokenizer, meta: dict, train_state: dict) -> Path:
+        """Swap in a new checkpoint. An older run's files at the top are removed once the new
+        checkpoint stands, so readers never prefer stale files."""
+        saved = save_model(self.checkpoint_path, model, tokenizer=tokenizer, meta=meta,
+                           train_state=train_state)
+        for name in (LEGACY_STATE, WEIGHTS, CONFIG):
+            if (self.path / name).exists():
+                point(f"removing the older layout's {name}")
+                (self.path / name).unlink()
+        return saved

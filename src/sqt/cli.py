@@ -1,8 +1,11 @@
 """The `sqt` command: every subcommand, each one parser (`_add_X`) and one body (`X_command`) that
 calls the library. `sqt train` trains a model from a preset, a TOML run file and flags; `sqt
-generate CHECKPOINT --prompt TEXT` streams text from a checkpoint. A user error (bad settings,
-missing or incompatible checkpoint, a prompt the model cannot take) prints one line on stderr and
-exits with status 2, without a traceback."""
+generate CHECKPOINT --prompt TEXT` streams text from a checkpoint; `sqt probe` and `sqt convert`
+study and change a model's queries; `sqt prepare`, `sqt export` and `sqt import-hf` (in
+sqt.cli_formats) move data and models between formats. A user error (bad settings, missing or
+incompatible checkpoint, a prompt the model cannot take, a file that cannot be read or written)
+prints one line on stderr and exits with status 2, without a traceback; a training run whose loss
+stops being finite exits with status 1 after one line saying where and what is kept."""
 
 from __future__ import annotations
 
@@ -11,10 +14,12 @@ import dataclasses
 import json
 import sys
 import typing
-from pathlib import Path
 from typing import Optional
 
+from .cli_formats import _add_export, _add_import_hf, _add_prepare
+
 USAGE_ERROR = 2
+RUN_FAILED = 1
 
 
 class UsageError(ValueError):
@@ -47,9 +52,14 @@ def _given(value):
 
 def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="stream text from a checkpoint directory",
-                       description="Generate text from a checkpoint written by `sqt train`, "
-                                   "printed as it is produced.")
-    p.add_argument("checkpoint", help="checkpoint directory (config.json + model.safetensors)")
+                       description="Generate text from a checkpoint written by `sqt train` or "
+                                   "`sqt import-hf`, decoded with its tokenizer and printed as "
+                                   "it is produced. With a tokenizer that has an end-of-text "
+                                   "token (<|endoftext|>), generation stops there unless "
+                                   "--no-stop is given.")
+    p.add_argument("checkpoint", help="a run directory (sqt train --out-dir), a checkpoint or "
+                                      "model directory (config.json + model.safetensors + "
+                                      "tokenizer.json)")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=200,
                    help="tokens to generate, capped by the model's context (default: %(default)s)")
@@ -61,8 +71,14 @@ def _add_generate(sub) -> None:
                    help="nucleus sampling mass in (0, 1] (default: %(default)s, all)")
     p.add_argument("--seed", type=int, default=None,
                    help="seed for reproducible sampling (default: %(default)s, a fresh one)")
-    p.add_argument("--stop", default=None,
-                   help="a single character that ends generation (default: %(default)s)")
+    stop = p.add_mutually_exclusive_group()
+    stop.add_argument("--stop", default=None, metavar="TEXT",
+                      help="text of exactly one token that ends generation, printed (default: "
+                           "%(default)s: the end-of-text token, not printed, when the tokenizer "
+                           "has one)")
+    stop.add_argument("--no-stop", action="store_true",
+                      help="generate all --max-new-tokens tokens, past any end-of-text token "
+                           "(default: %(default)s)")
     p.add_argument("--device", default="auto",
                    help="auto (CUDA when available), cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
@@ -72,18 +88,13 @@ def _add_generate(sub) -> None:
     p.set_defaults(run=generate_command)
 
 
-def _tokenizer(meta: dict, vocab_size: int, directory: str):
-    from .checkpoint import CheckpointError
-    from .tokenizer import CharTokenizer
-    spec = meta.get("tokenizer")
-    if spec is None:
-        raise CheckpointError(f"{directory!r} has no tokenizer in config.json: expected a "
-                              "checkpoint written by `sqt train`")
-    try:
-        tok = CharTokenizer.from_dict(spec)
-    except ValueError as e:
-        raise CheckpointError(f"{directory!r}: incompatible tokenizer: {e}") from None
-    if tok.vocab_size != vocab_size:
+def _tokenizer(vocab_size: int, directory: str):
+    from .checkpoint import CheckpointError, load_run_tokenizer
+    tok = load_run_tokenizer(directory)
+    if tok is None:
+        raise CheckpointError(f"{directory!r} has no tokenizer (no tokenizer.json, none in "
+                              "config.json): expected a checkpoint written by `sqt train`")
+    if tok.vocab_size != vocab_size:   # an id past the tokenizer could not be printed
         raise CheckpointError(f"{directory!r}: the tokenizer has {tok.vocab_size} symbols but "
                               f"the model's vocab_size is {vocab_size}")
     return tok
@@ -96,12 +107,26 @@ def _encode(tok, text: str, option: str) -> list[int]:
         raise UsageError(f"{option}: {e}") from None
 
 
+def _stop_token(tok, args) -> tuple[Optional[int], bool]:
+    """(the token that ends generation, whether it is printed)."""
+    if args.no_stop:
+        return None, False
+    if args.stop is None:
+        return tok.eot_id, False
+    ids = _encode(tok, args.stop, "--stop")
+    if len(ids) != 1:
+        raise UsageError(f"--stop {args.stop!r} is {len(ids)} tokens for this tokenizer: "
+                         "expected text of exactly one token")
+    return ids[0], True
+
+
 def generate_command(args) -> int:
     import torch
 
     from .checkpoint import load_model
     from .engine import DecodeEngine
     from .generate import check_sampling
+    from .tokenizer import decode_stream
     from .utils import resolve_device
 
     if args.prompt == "":
@@ -112,18 +137,18 @@ def generate_command(args) -> int:
         check_sampling(args.temperature, args.top_k, args.top_p)
     except ValueError as e:
         raise UsageError("--" + str(e).replace("_", "-", 1)) from None
-    if args.stop is not None and len(args.stop) != 1:
-        raise UsageError(f"--stop {args.stop!r}: expected a single character")
+    if args.seed is not None and not -(2 ** 63) <= args.seed < 2 ** 64:
+        raise UsageError(f"--seed {args.seed}: expected an integer in [-2**63, 2**64)")
     device = resolve_device(args.device, name="--device")
-    model, meta = load_model(args.checkpoint, device)
-    tok = _tokenizer(meta, model.config.vocab_size, args.checkpoint)
+    model, _ = load_model(args.checkpoint, device)
+    tok = _tokenizer(model.config.vocab_size, args.checkpoint)
     ids = _encode(tok, args.prompt, "--prompt")
-    stop = _encode(tok, args.stop, "--stop")[0] if args.stop is not None else None
+    stop, print_stop = _stop_token(tok, args)
     limit = model.max_positions
     new = args.max_new_tokens
     if limit is not None:
         if len(ids) >= limit:
-            raise UsageError(f"--prompt is {len(ids)} characters but the model's context is "
+            raise UsageError(f"--prompt is {len(ids)} tokens but the model's context is "
                              f"{limit}: give at most {limit - 1}")
         if len(ids) + new > limit:
             new = limit - len(ids)
@@ -135,13 +160,20 @@ def generate_command(args) -> int:
     generator.manual_seed(args.seed) if args.seed is not None else generator.seed()
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     engine = DecodeEngine(model, batch_size=1, max_len=len(ids) + new)
+
+    def tokens():
+        for nxt in engine.stream(idx, new, temperature=args.temperature, top_k=args.top_k,
+                                 top_p=args.top_p, stop_token=stop, generator=generator):
+            token = int(nxt[0])
+            if token != stop or print_stop:
+                yield token
+
     out = sys.stdout
     if not args.no_echo:
         out.write(args.prompt)
         out.flush()
-    for nxt in engine.stream(idx, new, temperature=args.temperature, top_k=args.top_k,
-                             top_p=args.top_p, stop_token=stop, generator=generator):
-        out.write(tok.decode([int(nxt[0])]))
+    for text in decode_stream(tok, tokens()):   # whole characters only, never half a UTF-8 one
+        out.write(text)
         out.flush()
     out.write("\n")
     out.flush()
@@ -209,10 +241,11 @@ def _add_train(sub) -> None:
                    help="TOML run file: top-level preset and data, sections [model] and [train] "
                         "(default: %(default)s)")
     p.add_argument("--data", default=_FromBelow(f"the config file's, else {DEFAULT_DATA}"),
-                   help="'tinyshakespeare' (bundled) or a path to a UTF-8 text file "
-                        "(default: %(default)s)")
+                   help="'tinyshakespeare' (bundled), a directory written by `sqt prepare`, "
+                        "or a UTF-8 text file, tokenized by character (default: %(default)s)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run whose checkpoint is in --out-dir (default: %(default)s)")
+                   help="continue the run whose checkpoint is in --out-dir; a finished run is "
+                        "left as it is (default: %(default)s)")
     _add_fields(p, p.add_argument_group("model (LMConfig fields)"), LMConfig)
     group = p.add_argument_group("training (TrainConfig fields; one of --steps, --tokens, "
                                  "--epochs)")
@@ -253,22 +286,28 @@ RESULT_KEYS = ("params", "best_val_loss", "best_step", "final_val_loss", "final_
 
 def train_command(args) -> int:
     from .runconfig import run_file_text
-    from .train import train
-    from .utils import atomic_write_bytes, atomic_write_json
+    from .train import NonFiniteLoss, check_run, train
     preset_name, data_spec, dataset, model_cfg, cfg = resolve_train(args)
     n_train = len(dataset.train)
     text = run_file_text(preset_name=preset_name, data=data_spec, model=model_cfg,
                          train=cfg.resolve(n_train), budget=cfg.budget(n_train))
+    # Refused before the resolved run is printed, so that a refusal is one line.
+    if args.resume and not cfg.out_dir:
+        raise UsageError("--resume needs --out-dir: the run directory to continue")
+    if args.resume and cfg.overwrite:
+        raise UsageError("--resume and --overwrite: expected at most one (--resume continues the "
+                         "run in --out-dir, --overwrite starts it again)")
+    check_run(model_cfg, cfg, dataset, resume=args.resume)
     print(text, file=sys.stderr, flush=True)
-    out = Path(cfg.out_dir) if cfg.out_dir else None
-    if out is not None:
-        atomic_write_bytes(out / "config.toml", text.encode())
-    result = train(model_cfg, cfg, dataset, resume=args.resume, label=preset_name)
+    try:
+        result = train(model_cfg, cfg, dataset, resume=args.resume, run_file=text,
+                       label=preset_name)
+    except NonFiniteLoss as e:
+        print(f"sqt train: error: {e}", file=sys.stderr)
+        return RUN_FAILED
     result.pop("model")
-    print(json.dumps({"event": "result", **{k: result[k] for k in RESULT_KEYS},
+    print(json.dumps({"event": "result", **{k: result.get(k) for k in RESULT_KEYS},
                       "steps": result["budget"]["steps"], "out_dir": cfg.out_dir}), flush=True)
-    if out is not None:
-        atomic_write_json(out / "result.json", result)
     return 0
 
 
@@ -376,7 +415,8 @@ def convert_command(args) -> int:
 
 # -------------------------------------------------------------------------------------------- main
 
-COMMANDS = (_add_train, _add_generate, _add_probe, _add_convert)
+COMMANDS = (_add_train, _add_prepare, _add_generate, _add_export, _add_import_hf, _add_probe,
+            _add_convert)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -388,6 +428,11 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line(error: Exception) -> str:
+    text = " ".join(str(error).split("\n")).strip()
+    return text or type(error).__name__
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     try:
         args = parser().parse_args(sys.argv[1:] if argv is None else argv)
@@ -395,9 +440,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         return e.code
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as e:   # CheckpointError and UsageError included
-        print(f"sqt {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:   # CheckpointError, UsageError, FileNotFoundError included
+        print(f"sqt {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return USAGE_ERROR
+    except (RuntimeError, MemoryError) as e:
+        from .utils import is_out_of_memory
+        if not is_out_of_memory(e):
+            raise
+        print(f"sqt {args.command}: error: out of memory ({_one_line(e)[:200]}): ask for less "
+              "(a smaller batch, sequence or model)", file=sys.stderr)
+        return RUN_FAILED
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130

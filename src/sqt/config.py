@@ -68,6 +68,14 @@ def _check_int(field_name: str, value, minimum: int = 1) -> None:
         raise ValueError(f"{field_name}={value!r}: expected an integer >= {minimum}")
 
 
+def _check_number(field_name: str, value, *, positive: bool = False) -> None:
+    """A finite number >= 0 (> 0 when `positive`): NaN and infinity never pass."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            0 <= value < float("inf")) or (positive and value == 0):
+        raise ValueError(f"{field_name}={value!r}: expected a finite number "
+                         f"{'> 0' if positive else '>= 0'}")
+
+
 @dataclass(frozen=True)
 class LayerSpec:
     """One attention layer: where its queries come from, its head counts, an optional window.
@@ -238,11 +246,19 @@ class LMConfig:
             raise ValueError(f"block={self.block!r}: expected one of {', '.join(BLOCKS)}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r}: expected one of {', '.join(BACKENDS)}")
-        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+        if isinstance(self.dropout, bool) or not (
+                isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"dropout={self.dropout!r}: expected a number in [0, 1)")
+        _check_number("rope_base", self.rope_base, positive=True)
+        _check_number("norm_eps", self.norm_eps)
         for name in ("tie_embeddings", "checkpoint_blocks"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected True or False")
+        if isinstance(self.layers, LayerSpec):
+            object.__setattr__(self, "layers", self.layers.name)
+        if not isinstance(self.layers, (str, tuple, list)):
+            raise ValueError(f"layers={self.layers!r}: expected a variant string or a list of "
+                             "them, one per layer")
         if not isinstance(self.layers, str):
             # Normalise to a tuple of strings so configs stay hashable and serialise to JSON.
             object.__setattr__(self, "layers", tuple(
@@ -261,9 +277,7 @@ class LMConfig:
         if self.expert_d_ff is not None:
             _check_int("expert_d_ff", self.expert_d_ff)
         for name in ("moe_aux_coef", "moe_z_coef"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
-                raise ValueError(f"{name}={v!r}: expected a number >= 0")
+            _check_number(name, getattr(self, name))
         if self.moe_impl not in MOE_IMPLS:
             raise ValueError(f"moe_impl={self.moe_impl!r}: expected one of {', '.join(MOE_IMPLS)}")
         if not self.n_experts:

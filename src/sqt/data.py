@@ -28,16 +28,22 @@ distinct characters); the checksum is of the decompressed text, so results stay 
 published numbers on it."""
 
 
-def gather_windows(tokens: np.ndarray, starts, seq_len: int) -> np.ndarray:
+def gather_windows(tokens: np.ndarray, starts, seq_len: int, *,
+                   out: Optional[np.ndarray] = None) -> np.ndarray:
     """Windows tokens[s : s + seq_len + 1] for each start s, as a (B, seq_len + 1) int64 array
     (inputs are [:, :-1], targets [:, 1:]). One contiguous copy per window, so on a memmap only
-    the pages of the windows are read; `torch.from_numpy` of the result does not copy."""
+    the pages of the windows are read; `torch.from_numpy` of the result does not copy. `out`: an
+    int64 (B, seq_len + 1) array to write into (a pinned buffer's view) instead of a new one."""
     starts = np.asarray(starts).reshape(-1)
     width = seq_len + 1
     if starts.size and (starts.min() < 0 or starts.max() > len(tokens) - width):
         raise ValueError(f"starts: expected offsets in 0..{len(tokens) - width} for windows of "
                          f"{width} tokens in {len(tokens)}, got {starts.min()}..{starts.max()}")
-    out = np.empty((starts.size, width), dtype=np.int64)
+    if out is None:
+        out = np.empty((starts.size, width), dtype=np.int64)
+    elif out.shape != (starts.size, width) or out.dtype != np.int64:
+        raise ValueError(f"out: expected an int64 array of shape {(starts.size, width)}, got "
+                         f"{out.dtype} {out.shape}")
     for row, s in zip(out, starts.tolist()):
         row[:] = tokens[s:s + width]
     return out
@@ -69,6 +75,8 @@ def dataset_from_text(text: str, name: str, val_fraction: float = 0.1,
                       tokenizer: Optional[CharTokenizer] = None) -> TextDataset:
     if not (isinstance(val_fraction, float) and 0.0 < val_fraction < 1.0):
         raise ValueError(f"val_fraction={val_fraction!r}: expected a float in (0, 1)")
+    if not text:
+        raise ValueError(f"{name}: the text is empty: expected text to train on")
     tok = tokenizer or CharTokenizer.from_text(text)
     ids = tok.encode_array(text).astype(token_dtype(tok.vocab_size))
     n_train = int(len(ids) * (1 - val_fraction))
@@ -121,6 +129,8 @@ def load_text_file(path, val_fraction: float = 0.1) -> TextDataset:
     except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
         raise ValueError(f"text file {str(path)!r} cannot be read as UTF-8 text "
                          f"({type(e).__name__}: {e})") from None
+    if not text:
+        raise ValueError(f"text file {str(path)!r} is empty: expected UTF-8 text to train on")
     return dataset_from_text(text, path.name, val_fraction)
 
 

@@ -25,8 +25,9 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from .generate import apply_stop, check_prompt, check_sampling, sample_next
+from .generate import apply_stop, check_generation, sample_next
 from .model import TransformerLM
+from .utils import check_token_id_tensor
 
 
 class DecodeEngine:
@@ -74,9 +75,9 @@ class DecodeEngine:
     @torch.no_grad()
     def prefill(self, idx: torch.Tensor) -> torch.Tensor:
         """Reset the cache to `idx` (B, T) and return the last position's logits (B, V)."""
-        self._check_prompt(idx, 1)
+        idx = self._check_prompt(idx, 1)
         self.cache.reset()
-        logits = self.model(idx.to(self.device), self.cache)[:, -1]
+        logits = self.model(idx, self.cache)[:, -1]
         self.length = idx.shape[1]
         self.logits.copy_(logits)
         return self.logits
@@ -84,7 +85,12 @@ class DecodeEngine:
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per sequence (B,) and return the next logits (B, V) (a static buffer,
-        overwritten by the next step)."""
+        overwritten by the next step). The step is the fast path: the tokens' values are not
+        checked (that would synchronise); ids the engine samples are in range by construction."""
+        check_token_id_tensor(tokens, name="tokens")
+        if tokens.numel() != self.batch_size:
+            raise ValueError(f"tokens has shape {tuple(tokens.shape)}: expected one token per "
+                             f"sequence, ({self.batch_size},)")
         if self.length == 0:
             raise RuntimeError("DecodeEngine.step before prefill: call prefill(prompt) first")
         if self.length >= self.max_len:
@@ -125,11 +131,18 @@ class DecodeEngine:
 
     # -- generation ----------------------------------------------------------------------------
 
-    def _check_prompt(self, idx, max_new_tokens: int) -> None:
-        check_prompt(idx, max_new_tokens, self.max_len, limit_name="the engine's max_len")
+    def _check_prompt(self, idx, max_new_tokens: int, **sampling) -> torch.Tensor:
+        """The prompt on the engine's device, every argument checked."""
+        if isinstance(idx, torch.Tensor):
+            idx = idx.to(self.device)
+        sampling = {"temperature": 0, "top_k": None, "top_p": None, "stop_token": None,
+                    "generator": None, **sampling}
+        check_generation(self.model, idx, max_new_tokens, limit=self.max_len,
+                         limit_name="the engine's max_len", **sampling)
         if idx.shape[0] != self.batch_size:
             raise ValueError(f"prompt batch={idx.shape[0]}: this engine was built for "
                              f"batch_size={self.batch_size}")
+        return idx
 
     @torch.no_grad()
     def stream(self, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
@@ -140,8 +153,10 @@ class DecodeEngine:
         token, whether every sequence has stopped is read back every `check_every` steps (a
         host sync), so a caller that does not print each token can avoid one sync per token;
         steps past the stop then repeat `stop_token`, as stopped sequences do anyway."""
-        self._check_prompt(idx, max_new_tokens)
-        check_sampling(temperature, top_k, top_p)
+        if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+            raise ValueError(f"check_every={check_every!r}: expected an integer >= 1")
+        idx = self._check_prompt(idx, max_new_tokens, temperature=temperature, top_k=top_k,
+                                 top_p=top_p, stop_token=stop_token, generator=generator)
         logits = self.prefill(idx)
         done = torch.zeros(self.batch_size, dtype=torch.bool, device=self.device)
         for i in range(max_new_tokens):
@@ -163,6 +178,9 @@ class DecodeEngine:
         """Prompt (B, T) -> (B, T + n), n <= max_new_tokens, exactly what
         `sqt.generate.generate` returns: when every sequence stops early the output ends at the
         step where the last one produced `stop_token`."""
+        if callback is not None and not callable(callback):
+            raise ValueError(f"callback={callback!r}: expected None or a function of the new "
+                             "tokens")
         steps = []
         for nxt in self.stream(idx, max_new_tokens, temperature=temperature, top_k=top_k,
                                top_p=top_p, stop_token=stop_token, generator=generator,

@@ -5,18 +5,58 @@ this module."""
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterator, Optional
 
 import torch
 
+from .utils import check_token_ids
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
 
 def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ValueError(f"temperature={temperature!r}: expected a number >= 0 (0 is greedy)")
+    if not _number(temperature) or not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature={temperature!r}: expected a finite number >= 0 (0 is "
+                         "greedy)")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k={top_k!r}: expected None or an integer >= 1")
-    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+    if top_p is not None and not (_number(top_p) and 0 < top_p <= 1):
         raise ValueError(f"top_p={top_p!r}: expected None or a number in (0, 1]")
+
+
+def _device_type(generator: torch.Generator) -> str:
+    try:
+        return generator.device.type
+    except RuntimeError:   # a generator of a device type without one (meta)
+        return "unknown"
+
+
+def check_generation(model, idx, max_new_tokens: int, *, limit: Optional[int],
+                     limit_name: str = "the model's max_seq_len", temperature, top_k, top_p,
+                     stop_token, generator) -> None:
+    """Every argument of a generation call, where it enters (no later step checks anything):
+    the prompt (`check_prompt`, its ids within the vocabulary, on the model's device), the
+    sampling settings, the stop token and the generator."""
+    vocab = model.config.vocab_size
+    check_prompt(idx, max_new_tokens, limit, limit_name=limit_name)
+    check_token_ids(idx, vocab, name="prompt")
+    device = model.tok_emb.weight.device
+    if idx.device != device:
+        raise ValueError(f"prompt is on {idx.device} but the model is on {device}: move the "
+                         "prompt to the model's device")
+    check_sampling(temperature, top_k, top_p)
+    if stop_token is not None and (isinstance(stop_token, bool) or not isinstance(
+            stop_token, int) or not 0 <= stop_token < vocab):
+        raise ValueError(f"stop_token={stop_token!r}: expected None or a token id in "
+                         f"[0, {vocab}) (vocab_size={vocab})")
+    if generator is not None and (not isinstance(generator, torch.Generator)
+                                  or _device_type(generator) != device.type):
+        got = getattr(generator, "device", type(generator).__name__)
+        raise ValueError(f"generator on {got}: expected None or a torch.Generator on the "
+                         f"model's device type ({device.type})")
 
 
 def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: Optional[int] = None,
@@ -24,9 +64,15 @@ def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: Option
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """logits: (B, V) -> token ids (B,). Temperature 0 is greedy. Runs on the logits' device with
     no host synchronisation, so it can sit inside a captured graph."""
+    check_sampling(temperature, top_k, top_p)   # host-side only: free
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    # The largest logit at 0 first: dividing by a tiny temperature then gives 0 and -inf, never
+    # inf - inf (NaN).
+    # A temperature below float32's smallest normal number would round to 0 there.
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(
+        temperature, torch.finfo(torch.float32).tiny)
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -54,10 +100,12 @@ def check_prompt(idx: torch.Tensor, max_new_tokens: int, limit: Optional[int], *
     """The checks every generation path makes: a (batch, seq_len) prompt, at least one token,
     a positive token count, and room for prompt plus new tokens within `limit` (None: none)."""
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
-        raise ValueError(f"prompt has shape {getattr(idx, 'shape', None)}: expected a (batch, "
-                         "seq_len) tensor of token ids; batched prompts must have equal length")
-    if idx.shape[1] == 0:
-        raise ValueError("prompt is empty: expected at least one token")
+        shape = tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
+        raise ValueError(f"prompt is {shape}: expected a (batch, seq_len) tensor of token ids; "
+                         "batched prompts must have equal length")
+    if idx.shape[0] == 0 or idx.shape[1] == 0:
+        raise ValueError(f"prompt is empty (shape {tuple(idx.shape)}): expected at least one "
+                         "sequence of at least one token")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected an integer >= 1")
     if limit is not None and idx.shape[1] + max_new_tokens > limit:
@@ -74,8 +122,9 @@ def stream(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: float 
            generator: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
     """Yield the next token ids (B,) one step at a time. A sequence that has produced
     `stop_token` keeps producing it; the iterator ends when every sequence has stopped."""
-    check_prompt(idx, max_new_tokens, model.max_positions)
-    check_sampling(temperature, top_k, top_p)
+    check_generation(model, idx, max_new_tokens, limit=model.max_positions,
+                     temperature=temperature, top_k=top_k, top_p=top_p, stop_token=stop_token,
+                     generator=generator)
     was_training = model.training
     model.eval()
     try:
@@ -106,6 +155,8 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: floa
              callback: Optional[Callable[[torch.Tensor], None]] = None) -> torch.Tensor:
     """Prompt (B, T) -> prompt plus generated tokens (B, T + n), n <= max_new_tokens (fewer when
     every sequence reached `stop_token`). `callback(tokens)` is called with each new (B,) step."""
+    if callback is not None and not callable(callback):
+        raise ValueError(f"callback={callback!r}: expected None or a function of the new tokens")
     out = [idx]
     for nxt in stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k,
                       top_p=top_p, stop_token=stop_token, generator=generator):

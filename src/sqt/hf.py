@@ -5,6 +5,7 @@ Head layouts HF's config rejects are written exactly by padding (see hf_heads.py
 from __future__ import annotations
 
 import json
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -216,13 +217,19 @@ def export_hf(model: TransformerLM, out_dir, *, tokenizer_json=None, pad_mixed: 
 
 def export_checkpoint(run_dir, out_dir, *, pad_mixed: bool = False,
                       dtype: Optional[torch.dtype] = None) -> Path:
-    """`sqt export RUN --format hf --out DIR`: an sqt checkpoint directory (with its tokenizer.json
-    when it has one) as a Hugging Face directory."""
-    from .checkpoint import load_model
+    """`sqt export RUN --format hf --out DIR`: an sqt checkpoint directory (with its tokenizer:
+    its tokenizer.json as it is, or the character tokenizer an older checkpoint keeps in
+    config.json) as a Hugging Face directory."""
+    from .checkpoint import load_model, load_run_tokenizer, resolve
     model, _ = load_model(run_dir)
-    tok = Path(run_dir) / "tokenizer.json"
-    return export_hf(model, out_dir, tokenizer_json=tok if tok.is_file() else None,
-                     pad_mixed=pad_mixed, dtype=dtype)
+    tok_file = resolve(run_dir) / "tokenizer.json"
+    tok = None if tok_file.is_file() else load_run_tokenizer(run_dir)
+    if tok is None:
+        return export_hf(model, out_dir, tokenizer_json=tok_file if tok_file.is_file() else None,
+                         pad_mixed=pad_mixed, dtype=dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        return export_hf(model, out_dir, tokenizer_json=tok.save(Path(tmp) / "tokenizer.json"),
+                         pad_mixed=pad_mixed, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------- import
@@ -325,12 +332,11 @@ def import_checkpoint(hf_dir, out_dir) -> Path:
     """`sqt import-hf DIR --out RUN`: a Hugging Face directory as an sqt checkpoint directory,
     its tokenizer.json copied when it has one."""
     from .checkpoint import save_model
+    from .tokenizer import tokenizer_from_json
     model, tok_text = import_hf(hf_dir)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if tok_text is not None:
-        atomic_write_bytes(out / "tokenizer.json", tok_text.encode("utf-8"))
-    return save_model(out, model, meta={"source": {"format": "hf", "path": str(hf_dir)}})
+    tok = tokenizer_from_json(tok_text) if tok_text is not None else None
+    return save_model(out_dir, model, tokenizer=tok,
+                      meta={"source": {"format": "hf", "path": str(hf_dir)}})
 
 
 __all__ = ["export_hf", "import_hf", "export_checkpoint", "import_checkpoint"]

@@ -5,17 +5,21 @@ specs."""
 from __future__ import annotations
 
 import math
-from typing import Optional
+import warnings
+from pathlib import Path
+from typing import Mapping, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from . import modeldir
 from .attention import Attention, KVCache
 from .config import LayersArg, LMConfig, hybrid_layers, preset
 from .kernels import cached_bias
 from .moe import MoE
+from .utils import check_token_id_tensor, check_token_ids, resolve_device
 
 
 class RMSNorm(nn.Module):
@@ -72,9 +76,22 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
+def _tracing(idx: torch.Tensor) -> bool:
+    """Inside torch.compile's trace or a CUDA graph capture, where reading a value back on the
+    host is impossible (or would be baked in)."""
+    return torch.compiler.is_compiling() or (
+        idx.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 class TransformerLM(nn.Module):
     """A decoder-only LM whose layers each choose their query side. `layers` (one variant for all
-    layers, or one per layer) overrides `cfg.layers`; the resolved config is `self.config`."""
+    layers, or one per layer) overrides `cfg.layers`; the resolved config is `self.config`.
+
+    `check_ids` (default True): a forward that starts a sequence checks that its token ids lie in
+    [0, vocab_size), a host synchronisation on CUDA. A caller whose ids are known to be in range
+    (the trainer, which checks its dataset once) turns it off."""
+
+    check_ids: bool = True
 
     def __init__(self, cfg: LMConfig, layers: Optional[LayersArg] = None):
         super().__init__()
@@ -111,6 +128,45 @@ class TransformerLM(nn.Module):
     def from_preset(cls, name: str, layers: Optional[LayersArg] = None, **overrides):
         return cls(preset(name, **overrides), layers)
 
+    @classmethod
+    def from_state(cls, cfg: LMConfig, state: Mapping, *, where: str = "state") -> "TransformerLM":
+        """A model of config `cfg` holding the weights `state` (a tied LM head may be left out).
+        The fit is checked on a model without storage first, so a config that does not match
+        allocates nothing and the ValueError lists every tensor that differs."""
+        state = dict(state)
+        if cfg.tie_embeddings and "tok_emb.weight" in state:
+            head = state.setdefault("lm_head.weight", state["tok_emb.weight"])
+            if head is not state["tok_emb.weight"] and not torch.equal(
+                    head, state["tok_emb.weight"]):
+                raise ValueError(f"{where} does not match its config: it holds an lm_head.weight "
+                                 "of its own but the config ties it to tok_emb.weight "
+                                 "(tie_embeddings=True)")
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # "copying into a meta parameter is a no-op"
+            try:
+                cls(cfg).load_state_dict(dict(state))
+            except RuntimeError as e:
+                raise ValueError(f"{where} does not match its config: "
+                                 f"{modeldir.describe_mismatch(e)}") from None
+        model = cls(cfg)
+        model.load_state_dict(state)
+        return model
+
+    @classmethod
+    def from_pretrained(cls, path, *, device="cpu") -> "TransformerLM":
+        """The model (in eval mode) of a model directory written by `save_pretrained`, or of a
+        checkpoint or run directory written by `sqt train`. Its tokenizer, when it has one:
+        `sqt.load_tokenizer(path)` for a model directory, `sqt.checkpoint.load_run_tokenizer`
+        for any of them."""
+        return modeldir.load(cls, path, device)[0]
+
+    def save_pretrained(self, directory, *, tokenizer=None) -> Path:
+        """Write a model directory: config.json, model.safetensors and, given a tokenizer,
+        tokenizer.json. The directory is replaced as a whole, never left half written; one that
+        holds other files is refused."""
+        return modeldir.write_model_dir(directory, self.config, self.state_dict(),
+                                        tokenizer=tokenizer)
+
     @property
     def max_positions(self) -> Optional[int]:
         """The longest sequence the model can read, or None where nothing limits it (RoPE and no
@@ -135,6 +191,8 @@ class TransformerLM(nn.Module):
         """A KV cache for this model, on its device and in its dtype unless told otherwise;
         `max_len` beyond `max_positions` is refused."""
         p = self.tok_emb.weight
+        if isinstance(device, str):
+            device = resolve_device(device)
         return KVCache(self.config, batch_size, max_len, device=device or p.device,
                        dtype=dtype or p.dtype)
 
@@ -150,13 +208,27 @@ class TransformerLM(nn.Module):
         refuses to be larger than the model can read, and callers check prompt plus new tokens
         up front (`sqt.generate`, the decode engine).
 
+        Bad input is a ValueError: a non-integer dtype, an empty batch or sequence, ids on another
+        device, and, outside compilation and graph capture and unless `check_ids` is off, ids
+        outside [0, vocab_size) (decode steps excepted: their ids come from the sampler).
+
         With `return_aux`, returns (logits, aux_loss): the MoE layers' weighted auxiliary losses,
         summed (0 for a dense model)."""
+        check_token_id_tensor(idx)
         if idx.dim() != 2:
             raise ValueError(f"idx has shape {tuple(idx.shape)}: expected (batch, seq_len)")
         B, T = idx.shape
-        if T == 0:
-            raise ValueError("idx has seq_len=0: expected at least one token")
+        if B == 0 or T == 0:
+            raise ValueError(f"idx has shape {tuple(idx.shape)}: expected at least one sequence "
+                             "of at least one token")
+        if idx.device != self.tok_emb.weight.device:
+            raise ValueError(f"idx is on {idx.device} but the model is on "
+                             f"{self.tok_emb.weight.device}: move one to the other")
+        if cache is not None:
+            self._check_cache(cache, B, prefill=not decode)
+        if self.check_ids and not decode and not _tracing(idx):
+            # Decode steps are the hot loop, fed the ids a sampler drew: their callers check.
+            check_token_ids(idx, self.config.vocab_size)
         positions, biases = None, {}
         if decode:
             if cache is None:
@@ -192,6 +264,23 @@ class TransformerLM(nn.Module):
                 cache.pos.fill_(T)
         logits = self.lm_head(self.norm_f(x))
         return (logits, self.aux_loss()) if return_aux else logits
+
+    def _check_cache(self, cache: KVCache, batch: int, *, prefill: bool) -> None:
+        """A cache made for this model and batch (host-side shapes only); a prefill also checks
+        every layer's buffer (and the attention layer, that the sequence fits)."""
+        if not isinstance(cache, KVCache) or len(cache.k) != len(self.blocks) or \
+                cache.k[0].shape[0] != batch:
+            got = (f"{len(cache.k)} layers, batch {cache.k[0].shape[0]}"
+                   if isinstance(cache, KVCache) else type(cache).__name__)
+            raise ValueError(f"cache has {got}: expected a KVCache of this model's "
+                             f"{len(self.blocks)} layers for batch {batch} (model.new_cache)")
+        if not prefill:
+            return
+        for i, (block, k) in enumerate(zip(self.blocks, cache.k)):
+            want = (batch, block.attn.spec.n_kv_heads, cache.max_len, self.config.head_dim)
+            if tuple(k.shape) != want:
+                raise ValueError(f"cache layer {i} has shape {tuple(k.shape)}: expected {want}, "
+                                 "a KVCache made for this model (model.new_cache)")
 
     def moe_layers(self) -> list[MoE]:
         return [b.mlp for b in self.blocks if isinstance(b.mlp, MoE)]

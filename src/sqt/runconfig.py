@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -72,11 +73,21 @@ class TrainConfig:
         "help": "torch.compile mode, e.g. reduce-overhead (None: torch's default)"})
     cuda_graph: Optional[bool] = field(default=None, metadata={
         "help": "capture the whole step as one CUDA graph and replay it (None: on CUDA)"})
+    data_on_device: Optional[bool] = field(default=None, metadata={
+        "help": "true: upload the training split and gather windows on the device; false: "
+                "gather them on the host from where the split is (a prepared dataset's memmap) "
+                "and copy each batch over while the step before runs. The same batches either "
+                "way (None: upload when the split's int64 tokens take at most a tenth of the "
+                "free device memory, or of the free RAM on the CPU)"})
     dtype: str = field(default="auto", metadata={
         "help": "autocast dtype: auto (bfloat16 on CUDA, float32 on the CPU), float32 or "
                 "bfloat16"})
     out_dir: Optional[str] = field(default=None, metadata={
-        "help": "directory for checkpoints, curves.jsonl and result.json (None: keep nothing)"})
+        "help": "run directory for the checkpoint, curves.jsonl and result.json (None: keep "
+                "nothing); one that already holds a run is refused unless resumed or overwritten"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "when out_dir already holds a run, delete its checkpoint, curves and result and "
+                "train from scratch"})
     checkpoint_every: int = field(default=0, metadata={
         "help": "steps between checkpoints in out_dir (0: only the final one)"})
     progress: Optional[bool] = field(default=None, metadata={
@@ -98,7 +109,7 @@ class TrainConfig:
             raise ValueError(", ".join(f"{k}={getattr(self, k)!r}" for k in given)
                              + ": expected one budget, of steps, tokens or epochs")
         if self.epochs is not None and not _positive_number(self.epochs):
-            raise ValueError(f"epochs={self.epochs!r}: expected a number > 0")
+            raise ValueError(f"epochs={self.epochs!r}: expected a finite number > 0")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"grad_accum={self.grad_accum}: expected a divisor of "
                              f"batch_size={self.batch_size}")
@@ -106,16 +117,26 @@ class TrainConfig:
             v = getattr(self, name)
             if not (_positive_number(v) or (name != "lr" and v == 0)):
                 bound = "> 0" if name == "lr" else ">= 0"
-                raise ValueError(f"{name}={v!r}: expected a number {bound}")
-        if self.min_lr is not None and not (0 <= self.min_lr <= self.lr):
+                raise ValueError(f"{name}={v!r}: expected a finite number {bound}")
+        if self.min_lr is not None and (isinstance(self.min_lr, bool) or not isinstance(
+                self.min_lr, (int, float)) or not 0 <= self.min_lr <= self.lr):
             raise ValueError(f"min_lr={self.min_lr!r}: expected None or a number in "
                              f"[0, lr={self.lr}]")
         for name in ("beta1", "beta2"):
-            if not (0 <= getattr(self, name) < 1):
-                raise ValueError(f"{name}={getattr(self, name)!r}: expected a number in [0, 1)")
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+                raise ValueError(f"{name}={v!r}: expected a number in [0, 1)")
         if self.dtype not in DTYPE_NAMES:
             raise ValueError(f"dtype={self.dtype!r}: expected one of {', '.join(DTYPE_NAMES)}")
         check_device_name(self.device)
+        for name in ("compile", "cuda_graph", "progress", "log", "overwrite"):
+            v = getattr(self, name)
+            if not (isinstance(v, bool) or (v is None and name != "overwrite")):
+                raise ValueError(f"{name}={v!r}: expected True or False"
+                                 + ("" if name == "overwrite" else " or None"))
+        check_compile_mode(self.compile_mode)
+        if self.out_dir is not None and not isinstance(self.out_dir, (str, os.PathLike)):
+            raise ValueError(f"out_dir={self.out_dir!r}: expected a path or None")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -151,12 +172,23 @@ class TrainConfig:
 
 
 def _positive_number(v) -> bool:
-    return not isinstance(v, bool) and isinstance(v, (int, float)) and v > 0
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and 0 < v < math.inf
+
+
+def check_compile_mode(mode) -> None:
+    """A ValueError unless `mode` is None or one of torch.compile's modes (asked of torch, so a
+    newer torch's modes are accepted)."""
+    if mode is None:
+        return
+    from torch._inductor import list_mode_options
+    known = ["default", *(m for m in list_mode_options() if m != "default")]
+    if mode not in known:
+        raise ValueError(f"compile_mode={mode!r}: expected None or one of {', '.join(known)}")
 
 
 # Fields that may differ between a run and its resumption without changing the result.
-RESUME_FREE = ("device", "compile", "compile_mode", "cuda_graph", "out_dir", "checkpoint_every",
-               "progress", "log")
+RESUME_FREE = ("device", "compile", "compile_mode", "cuda_graph", "data_on_device", "out_dir",
+               "checkpoint_every", "progress", "log", "overwrite")
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(LMConfig))
 TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 
@@ -191,7 +223,7 @@ def recipe(preset_name: str, *, device_type: Optional[str] = None,
 # (TrainConfig fields). Settings combine as preset < file < command-line flags.
 SECTIONS = {"model": LMConfig, "train": TrainConfig}
 TOP_LEVEL = ("preset", "data")
-NOT_WRITTEN = ("out_dir", "progress", "log")
+NOT_WRITTEN = ("out_dir", "progress", "log", "overwrite")
 """Left out of a written run file: how a run shows itself and where it writes, not what it is (a
 file that named its own directory would train over the run it came from)."""
 _KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string",

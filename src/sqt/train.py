@@ -1,28 +1,32 @@
 """The training loop: AdamW with warmup + cosine, gradient clipping and accumulation, bf16
 autocast on CUDA, optional torch.compile and a captured CUDA graph per step, evaluation on fixed
-validation windows, learning curves, atomic checkpoints and an exact resume. Its settings are
-sqt.runconfig's TrainConfig; its command line is `sqt train` (sqt.cli)."""
+validation windows, learning curves, checkpoints swapped in whole, an exact resume, and a stop
+with a clear error when the loss stops being finite. Its settings are sqt.runconfig's TrainConfig;
+its command line is `sqt train` (sqt.cli)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
 import time
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError, load_model, load_train_state, read_config, save_model
 from .accounting import train_step_flops
+from .checkpoint import RunDirectory, read_config
 from .config import LMConfig
+from .divergence import FiniteWatch, NonFiniteLoss
 from .model import TransformerLM
 from .moe import cuda_graph_blocker
-from .runconfig import RESUME_FREE, TrainConfig
-from .utils import atomic_write_bytes, peak_for, resolve_device, run_record
-from .windows import Sampler, fixed_windows, split_tokens
+from .progress import Reporter
+from .resume import check_resumable, curves_bytes, finished, initial_weights, restore
+from .runconfig import TrainConfig
+from .utils import check_split_ids, peak_for, resolve_device, run_record
+from .windows import fixed_windows, make_feed
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -79,96 +83,82 @@ def evaluate(model, xs, ys, autocast, *, micro_batch: int) -> tuple[float, float
     return loss.item() / n, correct.item() / n, load
 
 
-class _Reporter:
-    """What a run says while it trains: a progress bar on stderr and/or one JSON line per
-    evaluation on stdout (what a pipe or a log file gets)."""
-
-    def __init__(self, total: int, initial: int, *, bar: bool, log: bool, label: str):
-        self.bar, self.plain, self.log, self.total, self.label = None, bar, log, total, label
-        if bar:
-            try:
-                from tqdm import tqdm
-                self.bar = tqdm(total=total, initial=initial, desc=label, dynamic_ncols=True)
-                self.plain = False
-            except ImportError:
-                pass
-
-    def update(self, n: int):
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def evaluation(self, point: dict):
-        text = f"train {point['train_loss']:.3f} val {point['val_loss']:.3f}"
-        if self.bar is not None:
-            self.bar.set_postfix_str(text)
-        elif self.plain:
-            print(f"step {point['step']}/{self.total} {text}", file=sys.stderr, flush=True)
-        if self.log:
-            print(json.dumps({"event": "eval", "label": self.label, **point}), flush=True)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _check_resumable(saved: dict, model_cfg: LMConfig, cfg: TrainConfig, path: Path):
-    # Block checkpointing changes memory, not the function: a run may resume with it on or off.
-    def function(d: dict) -> dict:
-        return {k: v for k, v in {**LMConfig().to_dict(), **d}.items() if k != "checkpoint_blocks"}
-    if function(saved.get("model") or {}) != function(model_cfg.to_dict()):
-        raise CheckpointError(f"cannot resume from {str(path)!r}: its model config differs from "
-                              "this run's")
-    old = {**TrainConfig().to_dict(), **saved.get("train", {})}   # fields added since: defaults
-    diff = [k for k, v in cfg.to_dict().items() if k not in RESUME_FREE and old.get(k) != v]
-    if diff:
-        raise CheckpointError(
-            f"cannot resume from {str(path)!r}: train config differs in "
-            + ", ".join(f"{k} (checkpoint {old.get(k)!r}, now {getattr(cfg, k)!r})" for k in diff))
-
-
-# LMConfig fields that change how a model trains or runs, not the function its weights compute.
-NOT_FUNCTION = ("dropout", "checkpoint_blocks", "backend", "moe_impl")
-
-
-def _initial_weights(init_from, model_cfg: LMConfig) -> dict:
-    """The state dict a run starts from: `init_from` itself, or the model of a checkpoint
-    directory, which must be the model this run trains."""
-    if isinstance(init_from, dict):
-        return init_from
-    model, _ = load_model(init_from)
-    mine, theirs = ({k: v for k, v in c.to_dict().items() if k not in NOT_FUNCTION}
-                    for c in (model_cfg, model.config))
-    if mine != theirs:
-        diff = ", ".join(f"{k} ({theirs[k]!r} there, {mine[k]!r} here)"
-                         for k in mine if mine[k] != theirs.get(k))
-        raise ValueError(f"init_from={str(init_from)!r} holds another model: {diff}")
-    return model.state_dict()
-
-
 def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, *, resume: bool = False,
-          init_from=None, peak_tflops: Optional[float] = None, label: str = "train",
-          callback: Optional[Callable[[int], None]] = None,
+          init_from=None, run_file: Optional[str] = None, peak_tflops: Optional[float] = None,
+          label: str = "train", callback: Optional[Callable[[int], None]] = None,
           on_ready: Optional[Callable[[], None]] = None) -> dict:
-    """Train `TransformerLM(model_cfg)` on `dataset` (a `sqt.data.TextDataset`: `tokenizer`,
-    `train` and `val` token splits, `describe()`). With `resume`, continue from the checkpoint in
-    `cfg.out_dir` and end exactly where an uninterrupted run would (on CPU; GPU kernels are not
-    bitwise deterministic). `init_from` (a state dict, or a checkpoint directory of the same
-    model) replaces the seeded initial weights: a fresh run that starts from a converted or
-    pretrained model; a resumed run ignores it, its checkpoint being newer. `callback(step)` runs
-    after every step. `on_ready()` runs once, when
-    the step is compiled (and captured) and steady-state training begins; a sweep uses it to queue
-    for the device while other runs train. `peak_tflops`: a measured peak for MFU (see peak_for).
-    Returns losses, accuracy, curves, the budget, speed (ms/step, tokens/s, MFU) and the model
-    (under "model", not JSON)."""
+    """Train `TransformerLM(model_cfg)` on `dataset` (`tokenizer`, `train` and `val` token
+    splits, `describe()`: a `sqt.data.TextDataset` or `PreparedDataset`).
+
+    With `cfg.out_dir`, the run directory is held for this process alone (sqt.checkpoint's
+    RunDirectory): a run already there is refused unless `resume` (continue it from its
+    checkpoint and end exactly where an uninterrupted run would, on CPU; GPU kernels are not
+    bitwise deterministic) or `cfg.overwrite` (delete it and start again). `run_file` is saved as
+    its config.toml. Resuming a finished run trains and rewrites nothing and returns its record.
+    `init_from` (a state dict, or a checkpoint directory of the same model) replaces the seeded
+    initial weights: a fresh run that starts from a converted or pretrained model; a resumed run
+    with a checkpoint ignores it, its checkpoint being newer.
+
+    A loss (or gradient norm) that becomes NaN or infinite is recorded on the device inside the
+    step and read where the loop synchronises anyway (evaluations and checkpoints): the run
+    raises NonFiniteLoss there, and no checkpoint is written after that step.
+
+    `callback(step)` runs after every step. `on_ready()` runs once, when the step is compiled (and
+    captured) and steady-state training begins; a sweep uses it to queue for the device while
+    other runs train. `peak_tflops`: a measured peak for MFU (see peak_for). Returns losses,
+    accuracy, curves, the budget, speed (ms/step, tokens/s, MFU) and the model (under "model",
+    not JSON)."""
+    check_run(model_cfg, cfg, dataset, resume=resume)
+    claim = (RunDirectory(cfg.out_dir).claim(resume=resume, overwrite=cfg.overwrite)
+             if cfg.out_dir else contextlib.nullcontext())
+    with claim as run:
+        return _train(model_cfg, cfg, dataset, run=run, resume=resume, init_from=init_from,
+                      run_file=run_file, peak_tflops=peak_tflops, label=label,
+                      callback=callback, on_ready=on_ready)
+
+
+def check_run(model_cfg: LMConfig, cfg: TrainConfig, dataset, *, resume: bool = False) -> None:
+    """What `train` refuses before it starts, checked without reading the data or writing
+    anything (a run directory's checkpoint config is read), so that a command line can refuse
+    before it prints anything: settings that do not fit the data or the device, a run directory
+    that is not to be replaced, a checkpoint of another run to resume."""
     if model_cfg.vocab_size != dataset.tokenizer.vocab_size:
         raise ValueError(f"vocab_size={model_cfg.vocab_size} but the dataset's tokenizer has "
                          f"{dataset.tokenizer.vocab_size} symbols; set vocab_size to match")
     if cfg.seq_len > model_cfg.max_seq_len:
         raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's max_seq_len="
                          f"{model_cfg.max_seq_len}")
-    train_tokens = split_tokens(dataset.train)
-    budget = cfg.budget(train_tokens.numel())
-    cfg = cfg.resolve(train_tokens.numel())
+    if resume and not cfg.out_dir:
+        raise ValueError("resume=True needs out_dir: the directory holding the checkpoint")
+    device = resolve_device(cfg.device)
+    if cfg.cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True on device {str(device)!r}: CUDA graphs need a CUDA "
+                         "device")
+    for split in ("train", "val"):
+        n = len(getattr(dataset, split))
+        if n <= cfg.seq_len + 1:
+            raise ValueError(f"seq_len={cfg.seq_len}: the {split} split of "
+                             f"{dataset.describe().get('name')!r} has only {n} tokens; expected "
+                             "more than seq_len + 1")
+    if cfg.out_dir:
+        run = RunDirectory(cfg.out_dir)
+        run.check(resume=resume, overwrite=cfg.overwrite)
+        if resume and run.checkpoint() is not None:
+            check_resumable(read_config(run.checkpoint()), model_cfg,
+                            cfg.resolve(len(dataset.train)), run.checkpoint(), dataset.describe())
+
+
+def _train(model_cfg, cfg, dataset, *, run: Optional[RunDirectory], resume, init_from,
+           run_file, peak_tflops, label, callback, on_ready) -> dict:
+    name = dataset.describe().get("name")
+    # Token ids enter here, once: the step itself never checks them (it must not synchronise).
+    # The splits stay where they are (a memmap is read in chunks, never held whole).
+    for split in ("train", "val"):
+        check_split_ids(getattr(dataset, split), model_cfg.vocab_size,
+                        name=f"dataset {name!r} {split} split")
+    n_train = len(dataset.train)
+    budget = cfg.budget(n_train)
+    cfg = cfg.resolve(n_train)
     device = resolve_device(cfg.device)
     cuda = device.type == "cuda"
     if cuda:
@@ -182,39 +172,41 @@ def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, *, resume: bool = Fals
         print(f"note: no CUDA graph for this run ({blocker}); each step runs uncaptured",
               file=sys.stderr)
         use_graph = False
-    if use_graph and not cuda:
-        raise ValueError(f"cuda_graph=True on device {str(device)!r}: CUDA graphs need a CUDA "
-                         "device")
-    out = Path(cfg.out_dir) if cfg.out_dir else None
-    if resume and out is None:
-        raise ValueError("resume=True needs out_dir: the directory holding the checkpoint")
 
+    info = dict(zip(("peak_tflops", "peak_source"), peak_for(device, dtype, measured=peak_tflops)),
+                device=str(device), dtype=str(dtype).replace("torch.", ""),
+                compiled=use_compile, cuda_graph=use_graph)
     torch.manual_seed(cfg.seed)
     model = TransformerLM(model_cfg).to(device)
-    if init_from is not None and not (resume and (out / "train_state.pt").is_file()):
-        model.load_state_dict(_initial_weights(init_from, model_cfg))
+    model.check_ids = False     # its ids were checked above
+    if init_from is not None and not (resume and run.checkpoint() is not None):
+        model.load_state_dict(initial_weights(init_from, model_cfg))
     opt = make_optimizer(model, cfg, device, graphed=use_graph)
-    sampler = Sampler(train_tokens.to(device), cfg.batch_size, cfg.seq_len, cfg.seed)
-    val_x, val_y = fixed_windows(split_tokens(dataset.val),
-                                 cfg.eval_batches * cfg.batch_size, cfg.seq_len, device)
+    sampler = make_feed(dataset.train, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                        seed=cfg.seed, device=device, on_device=cfg.data_on_device)
+    info["data_feed"] = sampler.kind
+    val_x, val_y = fixed_windows(dataset.val, cfg.eval_batches * cfg.batch_size, cfg.seq_len,
+                                 device)
     step, curves, best = 0, [], (math.inf, None)
     loss_sum = torch.zeros((), device=device)
     aux_sum = torch.zeros((), device=device)        # MoE auxiliary loss since the last evaluation
     loss_n = 0
-    if resume and not (out / "train_state.pt").is_file():
-        print(f"note: no checkpoint in {str(out)!r} yet; starting from step 0", file=sys.stderr)
-    elif resume:
-        _check_resumable(read_config(out), model.config, cfg, out)
-        st = load_train_state(out)
-        model.load_state_dict(load_model(out)[0].state_dict())
-        opt.load_state_dict(st["optimizer"])
-        step, curves, best = st["step"], st["curves"], tuple(st["best"])
-        loss_sum.fill_(st["loss_sum"])
-        aux_sum.fill_(st.get("aux_sum", 0.0))
-        loss_n = st["loss_n"]
-        torch.set_rng_state(st["rng_cpu"])
-        if cuda and st.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(st["rng_cuda"], device)
+    state = restore(run, model, opt, cfg, device, dataset.describe()) if resume else None
+    if state is not None:
+        step, curves, best = state["step"], state["curves"], tuple(state["best"])
+        loss_sum.fill_(state["loss_sum"])
+        aux_sum.fill_(state.get("aux_sum", 0.0))
+        loss_n = state["loss_n"]
+        if step >= cfg.steps:
+            record = finished(run, state, _result(model, cfg, budget, dataset, info, curves,
+                                                  best, label, timing=None))
+            model.check_ids = True
+            return {**record, "model": model}
+        # Run-level files follow the checkpoint: a kill after it may have left them behind.
+        run.write("curves.jsonl", curves_bytes(curves))
+    if run is not None and run_file is not None:
+        run.write("config.toml", run_file.encode())
+    kept_step = step if state is not None else None
 
     def autocast():
         # No autocast weight cache: a captured graph must not depend on a cache filled outside it.
@@ -232,21 +224,9 @@ def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, *, resume: bool = Fals
     # graph's compile time for a few dozen batches.
     step_loss = torch.compile(loss_fn, mode=cfg.compile_mode) if use_compile else loss_fn
 
-    def save(final: bool):
-        state = {"optimizer": opt.state_dict(), "step": step, "curves": curves, "best": list(best),
-                 "loss_sum": loss_sum.item(), "loss_n": loss_n, "aux_sum": aux_sum.item(),
-                 "rng_cpu": torch.get_rng_state(),
-                 "rng_cuda": torch.cuda.get_rng_state(device) if cuda else None}
-        save_model(out, model, meta={"tokenizer": dataset.tokenizer.to_dict(),
-                                     "train": cfg.to_dict(), "budget": budget,
-                                     "dataset": dataset.describe(), "step": step,
-                                     "final": final}, train_state=state)
-        lines = "".join(json.dumps(c) + "\n" for c in curves)
-        atomic_write_bytes(out / "curves.jsonl", lines.encode())
-
-    reporter = _Reporter(cfg.steps, step, label=label,
-                         bar=cfg.progress if cfg.progress is not None else sys.stderr.isatty(),
-                         log=cfg.log if cfg.log is not None else not sys.stderr.isatty())
+    reporter = Reporter(cfg.steps, step, label=label,
+                        bar=cfg.progress if cfg.progress is not None else sys.stderr.isatty(),
+                        log=cfg.log if cfg.log is not None else not sys.stderr.isatty())
     tokens_per_step = cfg.batch_size * cfg.seq_len
     # Steady-state timing starts after a few steps (compilation, allocator warm-up) and excludes
     # evaluation; the clock is read only where the loop synchronises anyway.
@@ -254,6 +234,8 @@ def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, *, resume: bool = Fals
     timed_s, timed_steps, t_mark = 0.0, 0, None
     params = [p for p in model.parameters() if p.requires_grad]
     step_t = torch.tensor(step, device=device)     # the step counter the sampler reads
+    watch = FiniteWatch(device)
+    where = run.checkpoint_path if run is not None else None
 
     def one_step():
         """A whole optimizer step with no host synchronisation, so it can be captured."""
@@ -264,12 +246,30 @@ def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, *, resume: bool = Fals
             # of the whole batch's mean loss.
             loss, aux = step_loss(xm, ym)
             ((loss + aux) / cfg.grad_accum).backward()
+            watch.note(loss, 0, step_t)
             loss_sum.add_(loss.detach() / cfg.grad_accum)
             aux_sum.add_(aux.detach() / cfg.grad_accum)
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=cuda)
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=cuda)
+            watch.note(norm, 1, step_t)
         opt.step()
         step_t.add_(1)
+
+    def save(result: Optional[dict] = None):
+        nonlocal kept_step
+        # Never a checkpoint of weights trained on a non-finite loss.
+        watch.check(kept_step=kept_step, where=where)
+        state = {"optimizer": opt.state_dict(), "step": step, "curves": curves, "best": list(best),
+                 "loss_sum": loss_sum.item(), "loss_n": loss_n, "aux_sum": aux_sum.item(),
+                 "rng_cpu": torch.get_rng_state(),
+                 "rng_cuda": torch.cuda.get_rng_state(device) if cuda else None}
+        if result is not None:
+            state["result"] = result
+        run.save(model, tokenizer=dataset.tokenizer, train_state=state, meta={
+            "train": cfg.to_dict(), "budget": budget, "dataset": dataset.describe(),
+            "step": step, "final": result is not None})
+        run.write("curves.jsonl", curves_bytes(curves))
+        kept_step = step
 
     # With CUDA graphs, the first steps run normally on a side stream (compilation, lazy optimizer
     # state) and are real training steps; then one step is captured and replayed from there on, so
@@ -318,12 +318,16 @@ def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, *, resume: bool = Fals
         evaluated = step % cfg.eval_every == 0 or step == cfg.steps
         if evaluated:
             train_loss = loss_sum.item() / loss_n   # the one host sync between evaluations
+            watch.check(kept_step=kept_step, where=where)
             now = time.perf_counter()
             if t_mark is not None:
                 timed_s += now - t_mark
                 timed_steps += step - mark_step
             val_loss, val_acc, expert_load = evaluate(model, val_x, val_y, autocast,
                                                       micro_batch=cfg.micro_batch)
+            if not math.isfinite(val_loss):
+                raise NonFiniteLoss(what="validation loss", value=val_loss, step=step,
+                                    kept_step=kept_step, where=where)
             point = {"step": step, "train_loss": train_loss, "val_loss": val_loss,
                      "val_acc": val_acc, "lr": lr}
             if expert_load is not None:
@@ -339,9 +343,9 @@ def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, *, resume: bool = Fals
                                  "ms_per_step": round(interval_ms, 3),
                                  "tokens_per_s": round(tokens_per_step / interval_ms * 1e3),
                                  "elapsed_s": round(now - t_start, 3)})
-        if out is not None and (step == cfg.steps or (
-                cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
-            save(final=step == cfg.steps)
+        if run is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 \
+                and step < cfg.steps:
+            save()
         if evaluated:
             # Evaluation and checkpoints are not training time: both clocks restart after them.
             if cuda:
@@ -352,12 +356,28 @@ def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, *, resume: bool = Fals
         if callback is not None:
             callback(step)
     reporter.close()
-    wall = time.perf_counter() - t_start
+    watch.check(kept_step=kept_step, where=where)
+    timing = {"wall_s": time.perf_counter() - t_start, "timed_s": timed_s,
+              "timed_steps": timed_steps}
+    result = _result(model, cfg, budget, dataset, info, curves, best, label, timing=timing)
+    if run is not None:
+        save(result)
+        run.write("result.json", (json.dumps(result, indent=2) + "\n").encode())
+    model.check_ids = True
+    return {**result, "model": model}
 
+
+def _result(model, cfg, budget, dataset, info: dict, curves, best, label, *,
+            timing: Optional[dict]) -> dict:
+    """A run's record (JSON): losses, accuracy, curves, budget, speed. `info`: device, dtype,
+    compiled, cuda_graph, the peak MFU is taken against; `timing` None: the run was not timed
+    (an older finished run resumed)."""
+    timed_s, timed_steps = (timing["timed_s"], timing["timed_steps"]) if timing else (0.0, 0)
     ms_per_step = 1e3 * timed_s / timed_steps if timed_steps else None
+    tokens_per_step = cfg.batch_size * cfg.seq_len
     flops = train_step_flops(model.config, cfg.batch_size, cfg.seq_len)
     achieved = flops / (ms_per_step * 1e-3) / 1e12 if ms_per_step else None
-    peak, peak_source = peak_for(device, dtype, measured=peak_tflops)
+    peak = info["peak_tflops"]
     last = curves[-1] if curves else {}
     return {
         "label": label,
@@ -366,19 +386,18 @@ def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, *, resume: bool = Fals
         "budget": budget,
         "dataset": dataset.describe(),
         "params": model.num_params(),
-        "device": str(device), "dtype": str(dtype).replace("torch.", ""), "compiled": use_compile,
-        "cuda_graph": use_graph,
+        "device": info["device"], "dtype": info["dtype"], "compiled": info["compiled"],
+        "cuda_graph": info["cuda_graph"], "data_feed": info["data_feed"],
         "compile_mode": cfg.compile_mode,
         "best_val_loss": best[0], "best_step": best[1],
         "final_val_loss": last.get("val_loss"), "final_train_loss": last.get("train_loss"),
         "final_val_acc": last.get("val_acc"),
         "best_val_acc": next((c["val_acc"] for c in curves if c["step"] == best[1]), None),
         "curves": curves,
-        "wall_s": wall, "ms_per_step": ms_per_step,
+        "wall_s": timing["wall_s"] if timing else None, "ms_per_step": ms_per_step,
         "tokens_per_s": tokens_per_step / (ms_per_step * 1e-3) if ms_per_step else None,
         "train_flops_per_step": flops, "achieved_tflops": achieved,
-        "peak_tflops": peak, "peak_source": peak_source,
+        "peak_tflops": peak, "peak_source": info["peak_source"],
         "mfu": achieved / peak if achieved and peak else None,
-        "run_record": run_record(device),
-        "model": model,
+        "run_record": run_record(info["device"]),
     }

@@ -9,10 +9,11 @@ import json
 import os
 import platform
 import re
+import secrets
 import subprocess
-import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -21,7 +22,9 @@ def atomic_write_bytes(path, data: bytes) -> None:
     file or the new one, never half of one, even if the process is killed mid-write."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # Not mkstemp: its files are private (0600); this one gets the umask's permissions.
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -82,6 +85,56 @@ def resolve_device(value: str, *, name: str = "device") -> torch.device:
             raise ValueError(f"{name}={value!r}: this machine has {count} CUDA device(s); "
                              f"expected cuda:0 .. cuda:{count - 1}")
     return device
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is a device or host allocation that failed: torch's OutOfMemoryError (CUDA)
+    or the CPU allocator's RuntimeError."""
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    return isinstance(error, (oom, MemoryError)) or (isinstance(error, RuntimeError) and any(
+        s in str(error) for s in ("out of memory", "can't allocate memory")))
+
+
+TOKEN_ID_DTYPES = (torch.int64, torch.int32)
+
+
+def check_token_id_tensor(idx, *, name: str = "idx") -> None:
+    """A ValueError unless `idx` is a tensor of integer token ids (what an embedding takes):
+    checks its type and dtype only, on the host, so it costs nothing on any device."""
+    if not isinstance(idx, torch.Tensor):
+        raise ValueError(f"{name} is a {type(idx).__name__}: expected a torch tensor of token ids")
+    if idx.dtype not in TOKEN_ID_DTYPES:
+        raise ValueError(f"{name} has dtype {idx.dtype}: expected integer token ids "
+                         "(torch.long or torch.int32)")
+
+
+def check_token_ids(idx, vocab_size: int, *, name: str = "idx") -> None:
+    """`check_token_id_tensor`, and every id in [0, vocab_size). Reading the range back is a host
+    synchronisation on CUDA: call this where ids enter (a prompt, a dataset), never inside a
+    captured or compiled step."""
+    check_token_id_tensor(idx, name=name)
+    if idx.numel() == 0:
+        return
+    lo, hi = (int(v) for v in torch.aminmax(idx))
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        where = tuple(int(i) for i in (idx == bad).nonzero()[0])
+        raise ValueError(f"{name} holds token id {bad} at {list(where)}: expected ids in "
+                         f"[0, {vocab_size}) (vocab_size={vocab_size})")
+
+
+def check_split_ids(split, vocab_size: int, *, name: str, chunk: int = 1 << 24) -> None:
+    """Every id of a token split (a numpy array or memmap, or a tensor) in [0, vocab_size),
+    read a chunk at a time so that a memmap is streamed, never held in memory whole."""
+    if isinstance(split, torch.Tensor):
+        return check_token_ids(split.reshape(1, -1), vocab_size, name=name)
+    for start in range(0, len(split), chunk):
+        part = np.asarray(split[start:start + chunk])
+        if part.size and (int(part.min()) < 0 or int(part.max()) >= vocab_size):
+            bad = np.flatnonzero((part < 0) | (part >= vocab_size))[0]
+            raise ValueError(f"{name} holds token id {int(part[bad])} at position "
+                             f"{start + int(bad)}: expected ids in [0, {vocab_size}) "
+                             f"(vocab_size={vocab_size})")
 
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from NVIDIA's data sheets, matched against

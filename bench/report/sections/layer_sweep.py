@@ -8,7 +8,7 @@ from pathlib import Path
 from ..markdown import fmt, ms3, pct, table
 from ..notes import note_for
 from ..sources import load_summary, newest, summary_path
-from .sweeps import provenance, speed_note
+from .sweeps import failed_runs, provenance, speed_note
 
 
 def section(ctx) -> str | None:
@@ -21,17 +21,25 @@ def section(ctx) -> str | None:
 
 
 def layer_section(summary: dict, path: Path) -> str:
+    if summary.get("ppl_limit") is None:
+        verdict = "The N = 0 baseline failed, so no N is compared against it."
+    else:
+        verdict = (f"Largest N whose best-val ppl stays within {100 * summary['tolerance']:g} % "
+                   f"of N = 0 (≤ {summary['ppl_limit']:.3f}): "
+                   f"**N = {summary['largest_n_within']}**.")
+    failed = failed_runs(summary)
     return "\n\n".join([
         "## Layer sweep", provenance(summary, path),
         f"Size {summary['size']}: the first N of {summary['n_layers']} layers `{summary['sqt']}`, "
         f"the rest `{summary['rest']}`; {summary['steps']} steps, {summary['seeds']} seed(s).",
-        rows_table(summary["rows"]),
-        f"Largest N whose best-val ppl stays within {100 * summary['tolerance']:g} % of N = 0 "
-        f"(≤ {summary['ppl_limit']:.3f}): **N = {summary['largest_n_within']}**.",
+        *([failed] if failed else []),
+        rows_table(summary["rows"]), verdict,
         speed_note(summary["rows"], summary["run_record"])])
 
 
 def rows_table(rows: list[dict]) -> str:
+    if not rows:
+        return "No run finished."
     base = rows[0]
     out = [[str(r["n_sqt"]), str(r["params"]), fmt(r["best_val_ppl"], 3),
             pct(r["best_val_ppl"]["mean"], base["best_val_ppl"]["mean"]),
