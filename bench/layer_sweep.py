@@ -15,7 +15,7 @@ from sqt.utils import atomic_write_json
 
 from .common import show_run
 from .sweep import (SIZE_HPARAMS, aggregate, check_args, common_args, execute, failed_rows,
-                    hparams)
+                    hparams, ok_runs)
 
 
 def largest_within(rows: list[dict], tolerance: float):
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
         r["n_sqt"] = int(r["variant"][1:])
     rows.sort(key=lambda r: r["n_sqt"])
     best_n, limit = largest_within(rows, args.tolerance)
-    tc = results[0]["train_config"]
+    tc = ok_runs(results)[0]["train_config"]
     summary = {"kind": "layer_sweep", "run_record": record, "size": args.size,
                "n_layers": n_layers, "sqt": args.sqt, "rest": args.rest, "steps": tc["steps"],
                "seeds": args.seeds, "batch_size": tc["batch_size"], "seq_len": tc["seq_len"],

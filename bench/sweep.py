@@ -5,6 +5,12 @@ draws its learning curves beside it.
 
     python -m bench.sweep --sizes tiny small medium --steps 2000
     python -m bench.sweep --variants mha gqa mqa sqa ssqa xsqa xsmqa lsqa rsqa sqt --seeds 3
+
+The character-level grid in one command, packed on one GPU (bench.packing_check says first
+whether MPS works and what packing gains):
+
+    python -m bench.sweep --sizes tiny small medium --variants mha gqa mqa sqa ssqa xsqa xsmqa \
+        lsqa rsqa sqt --seeds 3 --jobs 12 --device-slots 6 --mps --no-latency
 """
 
 from __future__ import annotations
@@ -20,7 +26,6 @@ import json
 import os
 import statistics
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -29,7 +34,9 @@ from sqt.accounting import param_count
 from sqt.config import SEED_SIZES, VARIANTS, preset, recipe_settings
 from sqt.utils import atomic_write_json, resolve_device, run_record
 
-from .common import failure_of, matmul_peak_tflops, report_run
+from .common import matmul_peak_tflops, report_run
+from .execution import run_grid, train_run
+from .mps import mps_daemon
 
 # The training recipes (lr, dropout, batch, budget per size and device) are sqt.config.RECIPES, the
 # same that `sqt train --size S` uses; these are the keys a sweep's summary reports.
@@ -37,12 +44,6 @@ SIZE_HPARAMS = ("lr", "dropout")
 SHARED_HPARAMS = ("warmup", "weight_decay", "beta1", "beta2", "grad_clip")
 
 _DATA_CACHE: dict = {}
-_DEVICE_SLOTS = None   # in a worker: a semaphore shared by every run of the sweep, or None
-
-
-def _init_worker(slots) -> None:
-    global _DEVICE_SLOTS
-    _DEVICE_SLOTS = slots
 
 
 def _dataset(name: str):
@@ -88,94 +89,79 @@ def run_json(run_dir: Path, r: dict) -> Path:
 
 
 def run_one(spec: dict, common: dict) -> dict:
-    """Train one run and write its JSON. Runs in a worker process when --jobs > 1."""
-    from sqt.train import train
+    """Train one run (in a worker process when --jobs > 1) and return its record; the parent
+    writes it. Slots, step timing alone and failures are bench.execution's."""
     if common.get("threads"):
         torch.set_num_threads(common["threads"])
     data = _dataset(common["data"])
     mcfg, tcfg = run_configs(spec, common, data.tokenizer.vocab_size)
-    # With device slots, a run compiles and captures its step alongside the others, then waits
-    # for a slot before training: processes on one GPU are time-sliced, not run side by side, so
-    # training several at once is slower in total than one after another, and its step times
-    # would be shared-device figures.
-    held = {"wait_s": 0.0, "slot": False}
-
-    def take_slot():
-        t = time.perf_counter()
-        _DEVICE_SLOTS.acquire()
-        held.update(wait_s=time.perf_counter() - t, slot=True)
-
     label = f"{spec['size']}/{spec['label']}/s{spec['seed']}"
-    try:
-        result = train(mcfg, tcfg, data, peak_tflops=common.get("peak_tflops"), label=label,
-                       on_ready=take_slot if _DEVICE_SLOTS is not None else None)
-    except Exception as e:
-        failed = failure_of(e)
-        if failed is None:
-            raise
-        return failed_run(spec, common, mcfg, tcfg, label, failed)
-    finally:
-        if held["slot"]:
-            _DEVICE_SLOTS.release()
-    result.pop("model")
-    result.update(slot_wait_s=held["wait_s"], device_slots=common.get("slots"))
-    result.update(size=spec["size"], variant=spec["label"], seed=spec["seed"],
+    result = train_run(mcfg, tcfg, data, label=label, peak_tflops=common.get("peak_tflops"))
+    if result["status"] != "ok":
+        return result
+    result.update(slot_wait_s=result["step_time"]["slot_wait_s"],
+                  device_slots=common.get("slots"),
                   hparams={"lr": tcfg.lr, "dropout": mcfg.dropout,
                            **{k: getattr(tcfg, k) for k in SHARED_HPARAMS}},
                   concurrent_jobs=common["jobs"],
                   best_val_ppl=math.exp(result["best_val_loss"]),
                   final_val_ppl=math.exp(result["final_val_loss"]))
-    atomic_write_json(run_json(Path(common["run_dir"]), result), result)
-    print(f"  done {result['label']}: best val {result['best_val_loss']:.4f} "
-          f"(ppl {result['best_val_ppl']:.3f}) {result['ms_per_step'] or float('nan'):.1f} ms/step "
-          f"{result['wall_s']:.1f} s", flush=True)
     return result
 
 
-def failed_run(spec: dict, common: dict, mcfg, tcfg, label: str, failed: dict) -> dict:
-    """The record of a run that failed (`failed`: kind, reason, step), written like any run's so
-    the summary lists it and the sweep goes on."""
-    result = {"label": label, "size": spec["size"], "variant": spec["label"], "seed": spec["seed"],
-              "model_config": mcfg.to_dict(), "train_config": tcfg.to_dict(),
-              "concurrent_jobs": common["jobs"], "failed": failed}
-    atomic_write_json(run_json(Path(common["run_dir"]), result), result)
-    print(f"  FAILED {label}: {failed['kind']}: {failed['reason']}", flush=True)
-    return result
+def _announce(spec: dict, r: dict) -> None:
+    what = f"{spec['size']}/{spec['label']}/s{spec['seed']}"
+    if r["status"] == "ok":
+        print(f"  done {what}: best val {r['best_val_loss']:.4f} (ppl {r['best_val_ppl']:.3f}) "
+              f"{r['ms_per_step'] or float('nan'):.2f} ms/step alone, {r['wall_s']:.1f} s",
+              flush=True)
+    else:
+        print(f"  {r['status']} {what}: {r.get('error') or r.get('reason')}", flush=True)
 
 
 def execute(specs: list[dict], args, kind: str) -> tuple[Path, list[dict], dict]:
-    """Train every spec (concurrently with --jobs), then time inference per architecture alone on
-    the idle device. Returns the run folder, the results and the shared record."""
+    """Train every spec (concurrently with --jobs, --device-slots at once, under MPS with
+    --mps), then time inference per architecture alone on the idle device. Returns the run
+    folder, the results (a failed run's under "failed": kind, reason, step) and the shared
+    record (which lists the runs the wall-time guard skipped)."""
     t0 = time.perf_counter()
     device = resolve_device(args.device, name="--device")
+    _dataset(args.data)   # a missing or unreadable corpus is an error here, not in every run
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     run_dir = Path(args.out) / kind / (stamp + (f"-{args.tag}" if args.tag else ""))
     peak = matmul_peak_tflops(device)
     record = {**run_record(device), "matmul_peak_tflops": peak,
               "peak_dtype": "bfloat16" if device.type == "cuda" else "float32"}
     jobs = max(1, args.jobs)
-    common = {**train_settings(args, device), "jobs": jobs,
-              "slots": (args.device_slots if device.type == "cuda" and jobs > 1
-                        and args.device_slots < jobs else None),
+    slots = args.device_slots if device.type == "cuda" and jobs > 1 else None
+    common = {**train_settings(args, device), "jobs": jobs, "slots": slots,
               "peak_tflops": peak, "run_dir": str(run_dir),
               "threads": max(1, (os.cpu_count() or 1) // jobs) if device.type == "cpu" and
               jobs > 1 else None}
     print(f"{kind}: {len(specs)} runs on {record['device']} (torch {record['torch']}), "
-          f"jobs={jobs}, measured matmul peak {peak:.3g} TFLOP/s -> {run_dir}", flush=True)
-    if jobs == 1:
-        results = [run_one(s, common) for s in specs]
-    else:
-        # Biggest models first, so the longest runs are not the last to start. Workers are spawned
-        # (CUDA cannot fork); runs of one shape share inductor's on-disk compile cache.
-        order = sorted(specs, key=lambda s: -SEED_SIZES.index(s["size"])
-                       if s["size"] in SEED_SIZES else 0)
-        ctx = torch.multiprocessing.get_context("spawn")
-        slots = ctx.Semaphore(common["slots"]) if common["slots"] else None
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(slots,)) as pool:
-            futures = [(s, pool.submit(run_one, s, common)) for s in order]
-            done = {id(s): f.result() for s, f in futures}
-        results = [done[id(s)] for s in specs]
+          f"jobs={jobs}, device slots={slots}, measured matmul peak {peak:.3g} TFLOP/s -> "
+          f"{run_dir}", flush=True)
+    # Biggest models first, so the longest runs are not the last to start; runs of one shape
+    # share inductor's on-disk compile cache.
+    order = sorted(specs, key=lambda s: -SEED_SIZES.index(s["size"])
+                   if s["size"] in SEED_SIZES else 0)
+
+    def write(spec: dict, r: dict) -> None:
+        r.update(size=spec["size"], variant=spec["label"], seed=spec["seed"])
+        if r["status"] != "skipped":
+            atomic_write_json(run_json(run_dir, r), r)
+        _announce(spec, r)
+
+    deadline = (time.time() - (time.perf_counter() - PROCESS_START) + 60 * args.max_minutes
+                if args.max_minutes else None)
+    with mps_daemon(args.mps and device.type == "cuda") as mps:
+        done = run_grid(run_one, order, common, jobs=jobs, slots=slots, deadline=deadline,
+                        on_record=write)
+    by_spec = {id(o): r for o, r in zip(order, done)}
+    results = [by_spec[id(s)] for s in specs if by_spec[id(s)]["status"] != "skipped"]
+    if not ok_runs(results):
+        raise ValueError(f"every run of this {kind} failed or was skipped: see "
+                         f"{run_dir / 'runs'}")
     train_wall = time.perf_counter() - t0
 
     latency = {}
@@ -191,7 +177,11 @@ def execute(specs: list[dict], args, kind: str) -> tuple[Path, list[dict], dict]
             r["latency"] = latency[(r["size"], r["variant"])]
             atomic_write_json(run_json(run_dir, r), r)
     record.update(total_wall_s=time.perf_counter() - PROCESS_START, train_wall_s=train_wall,
-                  wall_from="process start", jobs=jobs, device_slots=common["slots"],
+                  wall_from="process start", jobs=jobs, device_slots=slots, mps=mps,
+                  step_times="alone",   # one at a time, or each run's own timing window
+                  skipped=[{"size": o["size"], "variant": o["label"], "seed": o["seed"],
+                            "reason": r["reason"]} for o, r in zip(order, done)
+                           if r["status"] == "skipped"],
                   command="python -m bench." + kind + " " + " ".join(sys.argv[1:]))
     return run_dir, results, record
 
@@ -266,8 +256,14 @@ def common_args(p: argparse.ArgumentParser) -> None:
                    help="runs prepared concurrently, as worker processes on the same device")
     p.add_argument("--device-slots", type=int, default=1,
                    help="with --jobs on CUDA: runs that train at once; the others compile and "
-                        "capture meanwhile, then wait (1 keeps step times isolated; more "
-                        "time-slices the GPU between processes)"),
+                        "capture meanwhile, then wait. With more than 1, each run's ms/step is "
+                        "still taken alone, in a short window holding every slot (default 1)")
+    p.add_argument("--mps", action="store_true",
+                   help="start a CUDA MPS daemon for the workers (if nvidia-cuda-mps-control "
+                        "exists) so packed runs overlap instead of time-slicing; stopped at exit")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="wall-time guard from process start: start no run that cannot end in "
+                        "time (estimated from the runs already trained); skipped runs are listed")
     p.add_argument("--data", default="tinyshakespeare",
                    help="'tinyshakespeare' (bundled) or a path to a UTF-8 text file")
     p.add_argument("--out", default="bench/results")
@@ -282,6 +278,8 @@ def check_args(args) -> None:
                  "eval_batches"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)}: expected >= 1")
+    if args.max_minutes is not None and not args.max_minutes > 0:
+        raise ValueError(f"--max-minutes={args.max_minutes}: expected a number of minutes > 0")
     check_compile_mode(args.compile_mode)
     resolve_device(args.device, name="--device")
 
@@ -318,7 +316,7 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    tc = results[0]["train_config"]
+    tc = ok_runs(results)[0]["train_config"]
     meta = {"baseline": baseline, "sizes": args.sizes, "variants": args.variants,
             "seeds": args.seeds, "steps": tc["steps"], "batch_size": tc["batch_size"],
             "seq_len": tc["seq_len"], "overrides": {"lr": args.lr, "dropout": args.dropout}}

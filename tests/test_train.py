@@ -190,17 +190,18 @@ def test_on_ready_runs_once_before_the_steady_state_steps(data):
 
 
 def test_sweep_run_waits_for_a_device_slot_and_gives_it_back(tmp_path, monkeypatch):
-    import threading
-    from bench import sweep
-    slots = threading.Semaphore(1)
-    monkeypatch.setattr(sweep, "_DEVICE_SLOTS", slots)
+    import multiprocessing
+    from bench import execution, sweep
+    from bench.device_slots import Coordinator
+    coord = Coordinator(multiprocessing.get_context("spawn"), slots=1, positions=1)
+    monkeypatch.setattr(execution, "_COORD", coord)
     common = {"data": "tinyshakespeare", "steps": 3, "batch_size": 2, "seq_len": 16,
               "lr": None, "dropout": None, "eval_every": 3, "eval_batches": 1, "device": "cpu",
               "compile": None, "compile_mode": None, "progress": False, "jobs": 2, "slots": 1,
               "peak_tflops": None, "run_dir": str(tmp_path)}
     r = sweep.run_one({"size": "tiny", "layers": "mha", "label": "mha", "seed": 0}, common)
-    assert r["slot_wait_s"] >= 0 and r["device_slots"] == 1
-    assert slots.acquire(blocking=False)   # released after the run
+    assert r["slot_wait_s"] >= 0 and r["device_slots"] == 1 and r["gpu_s"] > 0
+    assert coord.sem.acquire(block=False)   # released after the run
 
 
 def test_gradient_accumulation_equals_the_whole_batch(data):

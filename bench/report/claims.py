@@ -30,6 +30,18 @@ SQA_PAPER_DENSE = {
              "ssqa": (243, 1.2201, 77.05), "xsqa": (235, 1.2428, 76.74)},
 }
 
+# The SQAT-mm model card's table (its claim, not our measurement): the micro MoE (6 layers,
+# d_model 128, 8 heads, 12 experts top-2, context 256), 5k BPE, full TinyStories, 5 epochs /
+# 2.3B tokens, lr 2e-3, one run each. Per variant: training minutes, validation loss, accuracy
+# (%), parameters (millions).
+SQAT_CARD_MICRO = {
+    "source": "micro MoE (6 layers, d_model 128, 8 heads, 12 experts top-2), context 256, 5k BPE, "
+              "TinyStories, 5 epochs / 2.3B tokens, one run each (the SQAT-mm model card)",
+    "rows": {"gqa": (398, 1.139, 70.66, 8.67), "mqa": (399, 1.158, 70.33, 8.64),
+             "sqa": (387, 1.159, 70.32, 8.57), "ssqa": (390, 1.142, 70.63, 8.62),
+             "xsqa": (383, 1.169, 70.12, 8.52)},
+}
+
 # The SQA paper's Table 3, as the paper states it (its claim, not our measurement): one A100 40GB,
 # 8 layers, d_model 256, 16 heads of dim 16, forward only, bf16 autocast; seconds per step.
 PAPER_TABLE3 = {
@@ -64,3 +76,9 @@ FLASH_TRAIN_SPEEDUP = 1.10
 FLASH_TRAIN_CELLS = {"models": ("wide64", "wide128"), "variants": ("mha", "xsqa")}
 LOSS_RTOL = 2 ** -7               # "the same loss": within bf16's relative precision
 MEMORY_SEQ = 131072
+
+# The quality benchmark's targets (its issue's).
+QUALITY_GRID_GPU_MIN = 15         # each regime's grid (variants x 3 seeds) on one H100
+CHAR_GRID_WALL_S = 240            # the char-level grid (3 sizes x 10 variants x 3 seeds), packed
+MOE_STEP_RATIO = 2.0              # sqat-micro step vs the dense model of its active parameters
+MOE_BUSIEST_SHARE = 2.0           # busiest expert's token share at the end, x its uniform share

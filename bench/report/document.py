@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .notes import run_notes, with_file_notes
-from .sections import (decode, hparam_probes, layer_sweep, query, sweep_glance, sweeps,
-                       throughput)
+from .sections import (decode, hparam_probes, layer_sweep, quality, query, sweep_glance,
+                       sweeps, throughput)
 from .sources import sweep_summaries
 
 # The document, top to bottom. A new section: one module under sections/ and one entry here.
@@ -19,6 +19,7 @@ SECTIONS: list[Callable[["Context"], Optional[str]]] = [
     sweeps.section,            # one section per sweep folder
     hparam_probes.section,     # learning-rate and dropout probes
     layer_sweep.section,       # the layer sweep
+    quality.section,           # SQA's quality claims in their regimes: criteria, one part per grid
     throughput.section,        # long-sequence throughput: criteria, newest cells, every run
     decode.section,            # decode: engine vs eager loop vs Hugging Face
     query.section,             # what the query buys: probe, conversions, controls

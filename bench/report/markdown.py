@@ -8,7 +8,8 @@ import math
 # How a variant is written in throughput tables and plots; the order is the tables' row order.
 LABEL = {"mha": "MHA", "gqa": "GQA", "mqa": "MQA", "sqa": "SQA", "ssqa": "sSQA", "xsqa": "xSQA",
          "xsmqa": "xSMQA", "lsqa": "lSQA", "rsqa": "rSQA", "mha@128": "SWA(128)",
-         "mha@4096": "SWA(4096)", "sqa@128": "SW-SQA(128)"}
+         "mha@4096": "SWA(4096)", "sqa@128": "SW-SQA(128)", "sqt": "SQT",
+         "sqt2+sqa": "SQT×2 + SQA"}
 
 
 def table_lines(header: list[str], rows: list[list[str]]) -> list[str]:

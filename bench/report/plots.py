@@ -93,6 +93,38 @@ def learning_curves(runs: list[dict], path: Path) -> str:
     return _save(fig, plt, path)
 
 
+def quality_curves(runs: dict, path: Path, title: str) -> str:
+    """Validation loss against training time, one line per variant (the mean over its seeds):
+    time is steps x the run's step time measured alone, so packing and evaluation do not bend
+    it. `runs`: variant -> its trained runs' records (each with `curves` and `ms_per_step`)."""
+    plt = pyplot()
+    if plt is None:
+        return SKIPPED
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    drawn, second = 0, []
+    for i, (variant, rs) in enumerate(runs.items()):
+        rs = [r for r in rs if r.get("ms_per_step") and r.get("curves")]
+        if not rs:
+            continue
+        n = min(len(r["curves"]) for r in rs)
+        xs = [statistics.fmean(r["curves"][j]["step"] * r["ms_per_step"] / 1e3 for r in rs)
+              for j in range(n)]
+        ys = [statistics.fmean(r["curves"][j]["val_loss"] for r in rs) for j in range(n)]
+        ax.plot(xs, ys, marker="o", ms=2.5, color=f"C{i % 10}",
+                ls="-" if i < 10 else "--", label=f"{label(variant)} ({len(rs)})")
+        drawn += 1
+        second.append(ys[min(1, n - 1)])
+    if not drawn:
+        plt.close(fig)
+        return "skipped (no run with a step time and a learning curve)"
+    ax.set(xlabel="training time alone (s): steps x isolated ms/step",
+           ylabel="validation loss (nats / token)", title=title)
+    ax.set_ylim(top=max(second))    # from the second evaluation down: the first squashes the rest
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, title="variant (seeds)", title_fontsize=7)
+    return _save(fig, plt, path)
+
+
 def written(note: Optional[str]) -> bool:
     """Whether a figure function's answer is a written file (not a reason for skipping)."""
     return bool(note) and note.endswith(".png")

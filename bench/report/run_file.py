@@ -9,30 +9,38 @@ from typing import Optional
 
 from .plots import learning_curves, throughput_plot
 from .sections import decode, layer_sweep, query, sweeps
+from .sections.quality import quality_run_markdown
 from .sections.throughput_analysis import analyse, criteria_lines
 from .sections.throughput_run import render_markdown as throughput_markdown
 from .sources import load_json, summary_path
 
 
 def kind_of(path: Path, data: dict) -> str:
-    """throughput, decode, sweep, layer_sweep or query, from the file's name or its `kind`."""
+    """throughput, decode, sweep, layer_sweep, query or quality, from the file's name or its
+    `kind` field."""
     for kind in ("throughput", "decode"):
         if path.name.startswith(kind + "_"):
             return kind
     if path.name == "summary.json" and data.get("kind") in ("sweep", "layer_sweep", "query"):
         return data["kind"]
-    raise ValueError(f"--run {str(path)!r}: expected a throughput_*.json, a decode_*.json, or a "
-                     "sweep, layer-sweep or query run folder (or its summary.json)")
+    if path.name == "grid.json" and data.get("kind") == "quality_grid":
+        return "quality"
+    raise ValueError(f"--run {str(path)!r}: expected a throughput_*.json, a decode_*.json, a "
+                     "sweep, layer-sweep or query run folder (or its summary.json), or a quality "
+                     "grid folder (or its grid.json)")
 
 
 def render_run(path, *, doc_dir: Optional[Path] = None, plot: bool = True) -> tuple[str, list]:
     """(markdown, console lines) for one run; links are relative to doc_dir where given. `plot`
     draws the run's figure beside its JSON (throughput: <name>.png; sweep: curves.png). Console
     lines say what else a reader should see at once: the criteria and where the figure went."""
-    path = summary_path(path)
+    path = Path(path)
+    path = path / "grid.json" if (path / "grid.json").is_file() else summary_path(path)
     data = load_json(path, made_by="the benchmark that writes it")
     kind = kind_of(path, data)
     console = []
+    if kind == "quality":
+        return quality_run_markdown(path.parent, plot=plot)
     if kind == "throughput":
         if plot:
             data["plot"] = throughput_plot(data, path.with_suffix(".png"))

@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..claims import SEED_BUDGET, SEED_CLAIM
+from ..claims import CHAR_GRID_WALL_S, SEED_BUDGET, SEED_CLAIM, SEED_SIZES
+from ..criteria import at_most, criterion, holds
 from ..markdown import fmt, ms3, params_str, pct, table
 from ..notes import note_for
 
@@ -25,8 +26,28 @@ def at_seed_budget(summary: dict) -> bool:
 
 
 def step_times_isolated(record: dict) -> bool:
-    """One run at a time on the device: a sweep with one job, or with one device slot."""
-    return record.get("jobs") == 1 or record.get("device_slots") == 1
+    """Step times of one run alone on the device: a sweep with one job or one device slot, or
+    one whose packed runs each timed a window alone (bench.execution)."""
+    return (record.get("jobs") == 1 or record.get("device_slots") == 1
+            or record.get("step_times") == "alone")
+
+
+def char_grid_criterion(sweeps: list) -> dict:
+    """The newest sweep of the whole character-level grid on a GPU (every run trained: none
+    failed, none skipped by the wall-time guard), from process start."""
+    name = "character-level grid (3 sizes × 10 variants × 3 seeds), wall time"
+    for summary, path in sorted(sweeps, key=lambda sp: sp[1].parent.name, reverse=True):
+        rec = summary["run_record"]
+        if (rec.get("device_type") == "cuda" and set(SEED_SIZES) <= set(summary["sizes"])
+                and len(summary["variants"]) >= 10 and summary["seeds"] >= 3
+                and at_seed_budget(summary) and rec.get("total_wall_s") is not None
+                and not rec.get("skipped") and not summary.get("failed")):
+            wall = rec["total_wall_s"]
+            how = (f"jobs {rec.get('jobs')}, device slots {rec.get('device_slots')}, MPS "
+                   + ("on" if (rec.get("mps") or {}).get("running") else "off"))
+            return criterion(name, f"{wall:.0f} s (`{path.parent.name}`)",
+                             f"≤ {CHAR_GRID_WALL_S} s", at_most(wall, CHAR_GRID_WALL_S), how)
+    return criterion(name, None, f"≤ {CHAR_GRID_WALL_S} s", None)
 
 
 def provenance(summary: dict, path: Path) -> str:
@@ -153,6 +174,14 @@ def sweep_section(summary: dict, path: Path, doc_dir: Path | None) -> str:
                      f"{rec.get('wall_from', 'the start of training')}; training "
                      f"{rec['train_wall_s']:.1f} s, including compilation and evaluation; "
                      "inference timing after it).")
+        grid = char_grid_criterion([(summary, path)])
+        if grid["status"] != "N/A":
+            parts.append(f"Character-level grid: {grid['measured']} against the target of "
+                         f"{grid['target']} ({grid['note']}): the target {holds(grid)}.")
+    skipped = [f"{r['size']}/{r['variant']}/s{r['seed']}" for r in rec.get("skipped") or []]
+    if skipped:
+        parts.append("**Not trained** (the wall-time guard, `--max-minutes`, skipped them): "
+                     + ", ".join(skipped) + ".")
     if rec.get("rebuilt_from_runs"):
         parts.append("This summary was rebuilt from the folder's per-run JSON (`bench.sweep "
                      "--summarize`): the sweep's process was stopped after every run had been "
@@ -218,6 +247,10 @@ def speed_note(rows: list[dict], record: dict) -> str:
     if record["jobs"] > 1 and slots == 1:
         sharing = (f"{record['jobs']} worker processes compiling side by side, one training at a "
                    "time (step times isolated)")
+    elif record["jobs"] > 1 and record.get("step_times") == "alone":
+        mps = "under MPS" if (record.get("mps") or {}).get("running") else "time-sliced, no MPS"
+        sharing = (f"{record['jobs']} worker processes, {slots} training at once ({mps}); each "
+                   "run's step time taken alone, in a short window holding every device slot")
     elif record["jobs"] > 1:
         sharing = (f"{record['jobs']} concurrent job(s) on one device (step times are "
                    "shared-device throughput, not isolated; use --device-slots 1 for isolated "
