@@ -30,6 +30,7 @@ from sqt.config import SEED_SIZES, VARIANTS, preset, recipe_settings
 from sqt.utils import atomic_write_json, resolve_device, run_record
 
 from .common import failure_of, matmul_peak_tflops, report_run
+from .gpus import parse_gpus, pin_to_gpu
 
 # The training recipes (lr, dropout, batch, budget per size and device) are sqt.config.RECIPES, the
 # same that `sqt train --size S` uses; these are the keys a sweep's summary reports.
@@ -40,9 +41,12 @@ _DATA_CACHE: dict = {}
 _DEVICE_SLOTS = None   # in a worker: a semaphore shared by every run of the sweep, or None
 
 
-def _init_worker(slots) -> None:
+def _init_worker(slots, gpus=None) -> None:
+    """A worker's start: the shared device slots, and with --gpus its own GPU (from a queue)."""
     global _DEVICE_SLOTS
     _DEVICE_SLOTS = slots
+    if gpus is not None:
+        pin_to_gpu(gpus.get())
 
 
 def _dataset(name: str):
@@ -78,7 +82,7 @@ def train_settings(args, device: torch.device) -> dict:
             "eval_batches": args.eval_batches, "compile": False if args.no_compile else None,
             "compile_mode": args.compile_mode,
             "cuda_graph": False if args.no_cuda_graph else None,
-            "progress": False if (args.jobs > 1 or args.no_progress) else None}
+            "progress": False if (args.jobs > 1 or args.gpus or args.no_progress) else None}
 
 
 def run_json(run_dir: Path, r: dict) -> Path:
@@ -153,16 +157,18 @@ def execute(specs: list[dict], args, kind: str) -> tuple[Path, list[dict], dict]
     peak = matmul_peak_tflops(device)
     record = {**run_record(device), "matmul_peak_tflops": peak,
               "peak_dtype": "bfloat16" if device.type == "cuda" else "float32"}
-    jobs = max(1, args.jobs)
-    common = {**train_settings(args, device), "jobs": jobs,
-              "slots": (args.device_slots if device.type == "cuda" and jobs > 1
+    # --gpus: one worker per GPU, pinned to it; a run has its GPU alone, so no device slots.
+    gpus = parse_gpus(args.gpus, available=torch.cuda.device_count()) if args.gpus else None
+    jobs = len(gpus) if gpus else max(1, args.jobs)
+    common = {**train_settings(args, device), "jobs": jobs, "gpus": gpus,
+              "slots": (args.device_slots if device.type == "cuda" and jobs > 1 and not gpus
                         and args.device_slots < jobs else None),
               "peak_tflops": peak, "run_dir": str(run_dir),
               "threads": max(1, (os.cpu_count() or 1) // jobs) if device.type == "cpu" and
               jobs > 1 else None}
     print(f"{kind}: {len(specs)} runs on {record['device']} (torch {record['torch']}), "
           f"jobs={jobs}, measured matmul peak {peak:.3g} TFLOP/s -> {run_dir}", flush=True)
-    if jobs == 1:
+    if jobs == 1 and not gpus:
         results = [run_one(s, common) for s in specs]
     else:
         # Biggest models first, so the longest runs are not the last to start. Workers are spawned
@@ -171,8 +177,11 @@ def execute(specs: list[dict], args, kind: str) -> tuple[Path, list[dict], dict]
                        if s["size"] in SEED_SIZES else 0)
         ctx = torch.multiprocessing.get_context("spawn")
         slots = ctx.Semaphore(common["slots"]) if common["slots"] else None
+        queue = ctx.Queue() if gpus else None
+        for gpu in gpus or ():
+            queue.put(gpu)
         with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(slots,)) as pool:
+                                 initargs=(slots, queue)) as pool:
             futures = [(s, pool.submit(run_one, s, common)) for s in order]
             done = {id(s): f.result() for s, f in futures}
         results = [done[id(s)] for s in specs]
@@ -191,7 +200,7 @@ def execute(specs: list[dict], args, kind: str) -> tuple[Path, list[dict], dict]
             r["latency"] = latency[(r["size"], r["variant"])]
             atomic_write_json(run_json(run_dir, r), r)
     record.update(total_wall_s=time.perf_counter() - PROCESS_START, train_wall_s=train_wall,
-                  wall_from="process start", jobs=jobs, device_slots=common["slots"],
+                  wall_from="process start", jobs=jobs, device_slots=common["slots"], gpus=gpus,
                   command="python -m bench." + kind + " " + " ".join(sys.argv[1:]))
     return run_dir, results, record
 
@@ -268,6 +277,10 @@ def common_args(p: argparse.ArgumentParser) -> None:
                    help="with --jobs on CUDA: runs that train at once; the others compile and "
                         "capture meanwhile, then wait (1 keeps step times isolated; more "
                         "time-slices the GPU between processes)"),
+    p.add_argument("--gpus", default=None, metavar="LIST",
+                   help="spread the runs over these GPUs of this machine, one worker per GPU "
+                        "pinned to it: 'all' or indices such as 0,1,2,3 (replaces --jobs and "
+                        "--device-slots)")
     p.add_argument("--data", default="tinyshakespeare",
                    help="'tinyshakespeare' (bundled) or a path to a UTF-8 text file")
     p.add_argument("--out", default="bench/results")
@@ -283,7 +296,12 @@ def check_args(args) -> None:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)}: expected >= 1")
     check_compile_mode(args.compile_mode)
-    resolve_device(args.device, name="--device")
+    device = resolve_device(args.device, name="--device")
+    if args.gpus is not None:
+        if device.type != "cuda" or device.index is not None:
+            raise ValueError(f"--gpus {args.gpus} with --device {args.device}: expected --device "
+                             "auto or cuda (each worker's GPU is its cuda)")
+        parse_gpus(args.gpus, available=torch.cuda.device_count())
 
 
 def build_parser() -> argparse.ArgumentParser:
