@@ -15,6 +15,7 @@ from collections import deque
 from typing import Callable, Optional
 
 from .device_slots import Coordinator, RunHooks, SkipRun
+from .gpus import pin_to_gpu
 
 _COORD: Optional[Coordinator] = None     # the grid's coordinator, in this process
 _TASK_START = None                       # when this process was handed its current run
@@ -146,9 +147,13 @@ def _attempt(task, spec: dict, common: dict) -> dict:
         return failed_record(e)
 
 
-def _worker_main(position: int, coord: Coordinator, conn, task, common) -> None:
-    """Take (index, spec) from the parent's end of `conn`, send back (index, record)."""
+def _worker_main(position: int, coord: Coordinator, conn, task, common,
+                 gpu: Optional[int] = None) -> None:
+    """Take (index, spec) from the parent's end of `conn`, send back (index, record). With `gpu`,
+    the worker first makes that GPU its only device (before CUDA starts here)."""
     global _COORD
+    if gpu is not None:
+        pin_to_gpu(gpu)
     coord.me = position
     _COORD = coord
     while True:
@@ -168,13 +173,15 @@ def _worker_main(position: int, coord: Coordinator, conn, task, common) -> None:
 
 
 def run_grid(task, specs: list[dict], common: dict, *, jobs: int, slots: Optional[int] = None,
-             deadline: Optional[float] = None, estimates=(0.0,), ready_estimates=None,
+             gpus: Optional[list[int]] = None, deadline: Optional[float] = None, estimates=(0.0,), ready_estimates=None,
              on_record: Optional[Callable[[dict, dict], None]] = None) -> list[dict]:
     """Run `task(spec, common) -> record` for every spec and return the records in spec order.
 
     jobs: worker processes (spawned; CUDA cannot fork), each taking the next spec when free; 1
         runs every spec in this process, one after another.
     slots: runs that train at once on the device (None: no slots, every ready run trains).
+    gpus: one GPU index per worker (jobs == len(gpus)); worker i is pinned to gpus[i], and a
+        worker that replaces it after a failure to the same GPU.
     deadline: time.time() by which every run must end; a spec whose estimated time no longer
         fits is skipped, here before it starts, or in its worker when it is ready to train.
     estimates: per `spec["key"]`, the longest a run of that key has held its slot so far
@@ -209,7 +216,7 @@ def run_grid(task, specs: list[dict], common: dict, *, jobs: int, slots: Optiona
         return False
 
     with _exit_on_sigterm():
-        if jobs <= 1:
+        if jobs <= 1 and not gpus:
             global _COORD
             saved, _COORD = _COORD, coord
             try:
@@ -219,7 +226,7 @@ def run_grid(task, specs: list[dict], common: dict, *, jobs: int, slots: Optiona
             finally:
                 _COORD = saved
             return records
-        _Pool(ctx, coord, task, common, jobs).run(specs, fits, finish)
+        _Pool(ctx, coord, task, common, jobs, gpus).run(specs, fits, finish)
     return records
 
 
@@ -248,14 +255,17 @@ class _Pool:
 
     POLL_S = 1.0
 
-    def __init__(self, ctx, coord: Coordinator, task, common: dict, jobs: int):
+    def __init__(self, ctx, coord: Coordinator, task, common: dict, jobs: int,
+                 gpus: Optional[list[int]] = None):
         self.ctx, self.coord, self.task, self.common, self.jobs = ctx, coord, task, common, jobs
+        self.gpus = gpus
         self.procs, self.conns, self.busy, self.idle = {}, {}, {}, set()
 
     def spawn(self, position: int) -> None:
         mine, theirs = self.ctx.Pipe()
         proc = self.ctx.Process(target=_worker_main, daemon=True, args=(
-            position, self.coord, theirs, self.task, self.common))
+            position, self.coord, theirs, self.task, self.common,
+            self.gpus[position] if self.gpus else None))
         proc.start()
         theirs.close()                  # the worker's end lives in the worker only
         self.procs[position], self.conns[position] = proc, mine

@@ -36,6 +36,7 @@ from sqt.utils import atomic_write_json, resolve_device, run_record
 
 from .common import matmul_peak_tflops, report_run
 from .execution import run_grid, train_run
+from .gpus import parse_gpus
 from .mps import mps_daemon
 
 # The training recipes (lr, dropout, batch, budget per size and device) are sqt.config.RECIPES, the
@@ -79,7 +80,7 @@ def train_settings(args, device: torch.device) -> dict:
             "eval_batches": args.eval_batches, "compile": False if args.no_compile else None,
             "compile_mode": args.compile_mode,
             "cuda_graph": False if args.no_cuda_graph else None,
-            "progress": False if (args.jobs > 1 or args.no_progress) else None}
+            "progress": False if (args.jobs > 1 or args.gpus or args.no_progress) else None}
 
 
 def run_json(run_dir: Path, r: dict) -> Path:
@@ -132,9 +133,11 @@ def execute(specs: list[dict], args, kind: str) -> tuple[Path, list[dict], dict]
     peak = matmul_peak_tflops(device)
     record = {**run_record(device), "matmul_peak_tflops": peak,
               "peak_dtype": "bfloat16" if device.type == "cuda" else "float32"}
-    jobs = max(1, args.jobs)
-    slots = args.device_slots if device.type == "cuda" and jobs > 1 else None
-    common = {**train_settings(args, device), "jobs": jobs, "slots": slots,
+    # --gpus: one worker per GPU, pinned to it; a run has its GPU alone, so no device slots.
+    gpus = parse_gpus(args.gpus, available=torch.cuda.device_count()) if args.gpus else None
+    jobs = len(gpus) if gpus else max(1, args.jobs)
+    slots = args.device_slots if device.type == "cuda" and jobs > 1 and not gpus else None
+    common = {**train_settings(args, device), "jobs": jobs, "slots": slots, "gpus": gpus,
               "peak_tflops": peak, "run_dir": str(run_dir),
               "threads": max(1, (os.cpu_count() or 1) // jobs) if device.type == "cpu" and
               jobs > 1 else None}
@@ -155,8 +158,8 @@ def execute(specs: list[dict], args, kind: str) -> tuple[Path, list[dict], dict]
     deadline = (time.time() - (time.perf_counter() - PROCESS_START) + 60 * args.max_minutes
                 if args.max_minutes else None)
     with mps_daemon(args.mps and device.type == "cuda") as mps:
-        done = run_grid(run_one, order, common, jobs=jobs, slots=slots, deadline=deadline,
-                        on_record=write)
+        done = run_grid(run_one, order, common, jobs=jobs, slots=slots, gpus=gpus,
+                        deadline=deadline, on_record=write)
     by_spec = {id(o): r for o, r in zip(order, done)}
     results = [by_spec[id(s)] for s in specs if by_spec[id(s)]["status"] != "skipped"]
     if not ok_runs(results):
@@ -177,7 +180,7 @@ def execute(specs: list[dict], args, kind: str) -> tuple[Path, list[dict], dict]
             r["latency"] = latency[(r["size"], r["variant"])]
             atomic_write_json(run_json(run_dir, r), r)
     record.update(total_wall_s=time.perf_counter() - PROCESS_START, train_wall_s=train_wall,
-                  wall_from="process start", jobs=jobs, device_slots=slots, mps=mps,
+                  wall_from="process start", jobs=jobs, device_slots=slots, mps=mps, gpus=gpus,
                   step_times="alone",   # one at a time, or each run's own timing window
                   skipped=[{"size": o["size"], "variant": o["label"], "seed": o["seed"],
                             "reason": r["reason"]} for o, r in zip(order, done)
@@ -264,6 +267,10 @@ def common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-minutes", type=float, default=None,
                    help="wall-time guard from process start: start no run that cannot end in "
                         "time (estimated from the runs already trained); skipped runs are listed")
+    p.add_argument("--gpus", default=None, metavar="LIST",
+                   help="spread the runs over these GPUs of this machine, one worker per GPU "
+                        "pinned to it: 'all' or indices such as 0,1,2,3 (replaces --jobs and "
+                        "--device-slots; default: none)")
     p.add_argument("--data", default="tinyshakespeare",
                    help="'tinyshakespeare' (bundled) or a path to a UTF-8 text file")
     p.add_argument("--out", default="bench/results")
@@ -281,7 +288,12 @@ def check_args(args) -> None:
     if args.max_minutes is not None and not args.max_minutes > 0:
         raise ValueError(f"--max-minutes={args.max_minutes}: expected a number of minutes > 0")
     check_compile_mode(args.compile_mode)
-    resolve_device(args.device, name="--device")
+    device = resolve_device(args.device, name="--device")
+    if args.gpus is not None:
+        if device.type != "cuda" or device.index is not None:
+            raise ValueError(f"--gpus {args.gpus} with --device {args.device}: expected --device "
+                             "auto or cuda (each worker's GPU is its cuda)")
+        parse_gpus(args.gpus, available=torch.cuda.device_count())
 
 
 def build_parser() -> argparse.ArgumentParser:

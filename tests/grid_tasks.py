@@ -44,3 +44,8 @@ def sleeper(spec: dict, common: dict) -> dict:
         f.write(f"{os.getpid()}\n")
     time.sleep(120)
     return {"status": "ok"}
+
+
+def visible_gpus(spec: dict, common: dict) -> dict:
+    """The GPUs this worker may see, and who it is (a --gpus grid pins each worker to one)."""
+    return {"status": "ok", "visible": os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": os.getpid()}

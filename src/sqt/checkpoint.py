@@ -48,15 +48,17 @@ def resolve(path) -> Path:
 
 
 def save_model(directory, model: TransformerLM, *, tokenizer=None, meta: Optional[dict] = None,
-               train_state: Optional[dict] = None) -> Path:
+               train_state: Optional[dict] = None, state_dict: Optional[dict] = None) -> Path:
     """Write `directory` as one checkpoint: the model directory (config.json with `meta` beside
     the model config, model.safetensors, tokenizer.json when a tokenizer is given), the train
     state when given, and the manifest, all or nothing. An existing checkpoint there is replaced;
-    a directory holding other files is refused."""
+    a directory holding other files is refused. `state_dict`: the weights to write instead of
+    `model.state_dict()` (a sharded model's, gathered whole)."""
     model = getattr(model, "_orig_mod", model)   # torch.compile's wrapper prefixes every name
     if not isinstance(model, TransformerLM):
         raise ValueError(f"model is a {type(model).__name__}: expected an sqt TransformerLM")
-    files = model_files(model.config, model.state_dict(), tokenizer=tokenizer, meta=meta)
+    weights = model.state_dict() if state_dict is None else state_dict
+    files = model_files(model.config, weights, tokenizer=tokenizer, meta=meta)
     if train_state is not None:
         files.update(state_files(train_state))
     return write_set(directory, files, replaceable=CHECKPOINT_FILES,
@@ -200,11 +202,12 @@ class RunDirectory:
         point(f"writing {name}")
         atomic_write_bytes(self.path / name, data)
 
-    def save(self, model: TransformerLM, *, tokenizer, meta: dict, train_state: dict) -> Path:
-        """Swap in a new checkpoint. An older run's files at the top are removed once the new
-        checkpoint stands, so readers never prefer stale files."""
+    def save(self, model: TransformerLM, *, tokenizer, meta: dict, train_state: dict,
+             state_dict: Optional[dict] = None) -> Path:
+        """Swap in a new checkpoint (`state_dict`: see save_model). An older run's files at the
+        top are removed once the new checkpoint stands, so readers never prefer stale files."""
         saved = save_model(self.checkpoint_path, model, tokenizer=tokenizer, meta=meta,
-                           train_state=train_state)
+                           train_state=train_state, state_dict=state_dict)
         for name in (LEGACY_STATE, WEIGHTS, CONFIG):
             if (self.path / name).exists():
                 point(f"removing the older layout's {name}")

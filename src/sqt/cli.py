@@ -285,8 +285,11 @@ RESULT_KEYS = ("params", "best_val_loss", "best_step", "final_val_loss", "final_
 
 
 def train_command(args) -> int:
+    from .distributed import launch_rank, launch_world_size
     from .runconfig import run_file_text
     from .train import NonFiniteLoss, check_run, train
+    # Under torchrun every process runs this; rank 0 prints the run and its result.
+    main = launch_rank() == 0
     preset_name, data_spec, dataset, model_cfg, cfg = resolve_train(args)
     n_train = len(dataset.train)
     text = run_file_text(preset_name=preset_name, data=data_spec, model=model_cfg,
@@ -297,17 +300,22 @@ def train_command(args) -> int:
     if args.resume and cfg.overwrite:
         raise UsageError("--resume and --overwrite: expected at most one (--resume continues the "
                          "run in --out-dir, --overwrite starts it again)")
-    check_run(model_cfg, cfg, dataset, resume=args.resume)
-    print(text, file=sys.stderr, flush=True)
+    check_run(model_cfg, cfg, dataset, resume=args.resume, world_size=launch_world_size(),
+              directory=main)
+    if main:
+        print(text, file=sys.stderr, flush=True)
     try:
         result = train(model_cfg, cfg, dataset, resume=args.resume, run_file=text,
                        label=preset_name)
     except NonFiniteLoss as e:
-        print(f"sqt train: error: {e}", file=sys.stderr)
+        if main:    # every rank stops here with the same message: one prints it
+            print(f"sqt train: error: {e}", file=sys.stderr)
         return RUN_FAILED
     result.pop("model")
-    print(json.dumps({"event": "result", **{k: result.get(k) for k in RESULT_KEYS},
-                      "steps": result["budget"]["steps"], "out_dir": cfg.out_dir}), flush=True)
+    if main:
+        print(json.dumps({"event": "result", **{k: result.get(k) for k in RESULT_KEYS},
+                          "steps": result["budget"]["steps"], "world_size": result["world_size"],
+                          "out_dir": cfg.out_dir}), flush=True)
     return 0
 
 

@@ -82,6 +82,10 @@ class TrainConfig:
     dtype: str = field(default="auto", metadata={
         "help": "autocast dtype: auto (bfloat16 on CUDA, float32 on the CPU), float32 or "
                 "bfloat16"})
+    fsdp: bool = field(default=False, metadata={
+        "help": "under torchrun: shard every block's weights, gradients and optimizer state "
+                "across the processes (FSDP2) instead of a whole copy per process (DDP); alone, "
+                "nothing to shard"})
     out_dir: Optional[str] = field(default=None, metadata={
         "help": "run directory for the checkpoint, curves.jsonl and result.json (None: keep "
                 "nothing); one that already holds a run is refused unless resumed or overwritten"})
@@ -129,11 +133,12 @@ class TrainConfig:
         if self.dtype not in DTYPE_NAMES:
             raise ValueError(f"dtype={self.dtype!r}: expected one of {', '.join(DTYPE_NAMES)}")
         check_device_name(self.device)
-        for name in ("compile", "cuda_graph", "progress", "log", "overwrite"):
+        for name in ("compile", "cuda_graph", "progress", "log", "overwrite", "fsdp"):
             v = getattr(self, name)
-            if not (isinstance(v, bool) or (v is None and name != "overwrite")):
+            optional = name not in ("overwrite", "fsdp")
+            if not (isinstance(v, bool) or (v is None and optional)):
                 raise ValueError(f"{name}={v!r}: expected True or False"
-                                 + ("" if name == "overwrite" else " or None"))
+                                 + (" or None" if optional else ""))
         check_compile_mode(self.compile_mode)
         if self.out_dir is not None and not isinstance(self.out_dir, (str, os.PathLike)):
             raise ValueError(f"out_dir={self.out_dir!r}: expected a path or None")
@@ -187,8 +192,8 @@ def check_compile_mode(mode) -> None:
 
 
 # Fields that may differ between a run and its resumption without changing the result.
-RESUME_FREE = ("device", "compile", "compile_mode", "cuda_graph", "data_on_device", "out_dir",
-               "checkpoint_every", "progress", "log", "overwrite")
+RESUME_FREE = ("device", "compile", "compile_mode", "cuda_graph", "data_on_device", "fsdp",
+               "out_dir", "checkpoint_every", "progress", "log", "overwrite")
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(LMConfig))
 TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 

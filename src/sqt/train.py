@@ -1,8 +1,9 @@
 """The training loop: AdamW with warmup + cosine, gradient clipping and accumulation, bf16
 autocast on CUDA, optional torch.compile and a captured CUDA graph per step, evaluation on fixed
 validation windows, learning curves, checkpoints swapped in whole, an exact resume, and a stop
-with a clear error when the loss stops being finite. Its settings are sqt.runconfig's TrainConfig;
-its command line is `sqt train` (sqt.cli)."""
+with a clear error when the loss stops being finite; alone or as one of several processes under
+torchrun (DDP or FSDP2, sqt.distributed). Its settings are sqt.runconfig's TrainConfig; its
+command line is `sqt train` (sqt.cli)."""
 
 from __future__ import annotations
 
@@ -17,70 +18,22 @@ import torch
 import torch.nn.functional as F
 
 from .accounting import train_step_flops
-from .checkpoint import RunDirectory, read_config
+from .checkpoint import RunDirectory
 from .config import LMConfig
+from .distributed import Parallel, join_processes
 from .divergence import FiniteWatch, NonFiniteLoss
+from .evaluation import evaluate
 from .model import TransformerLM
 from .moe import cuda_graph_blocker
+from .optim import lr_at, make_optimizer, set_lr
 from .progress import Reporter
-from .resume import check_resumable, curves_bytes, finished, initial_weights, restore
+from .resume import (check_directory, check_run, curves_bytes, finished, initial_weights,
+                     restore)
 from .runconfig import TrainConfig
-from .utils import check_split_ids, peak_for, resolve_device, run_record
+from .utils import check_split_ids, peak_for, run_record
 from .windows import fixed_windows, make_feed
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to `lr`, then cosine to `min_lr` at the last step (of a resolved config).
-    `step` counts from 0."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    span = max(1, cfg.steps - cfg.warmup)
-    progress = min(1.0, (step - cfg.warmup) / span)
-    lo = cfg.final_min_lr
-    return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * progress))
-
-
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, *,
-                   graphed: bool = False):
-    """AdamW; weight decay only on matmul weights. Norms, biases, embeddings and static query
-    tables/vectors (which are position embeddings by another name) are not decayed. A captured
-    step needs the learning rate as a device tensor and a capturable optimizer."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        embedding_like = name.startswith(("tok_emb", "pos_emb")) or name.endswith(
-            ("q_table", "q_vec"))
-        (no_decay if p.dim() < 2 or embedding_like else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    lr = torch.tensor(cfg.lr, device=device) if graphed else cfg.lr
-    return torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2),
-                             fused=device.type == "cuda", capturable=graphed)
-
-
-@torch.inference_mode()
-def evaluate(model, xs, ys, autocast, *, micro_batch: int) -> tuple[float, float, Optional[list]]:
-    """Mean loss (nats/token), next-token accuracy and, for a mixture of experts, each layer's
-    fraction of token-slots per expert, over the windows, in eval mode, a micro-batch at a time."""
-    was = model.training
-    model.eval()
-    loss = torch.zeros((), device=xs.device, dtype=torch.float64)
-    correct = torch.zeros((), device=xs.device, dtype=torch.long)
-    slots = 0
-    for x, y in zip(xs.split(micro_batch), ys.split(micro_batch)):
-        with autocast():
-            logits = model(x)
-        loss += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
-        correct += (logits.argmax(-1) == y).sum()
-        if model.moe_layers():
-            slots = slots + torch.stack(model.expert_load())
-    model.train(was)
-    n = ys.numel()
-    load = (slots / slots.sum(-1, keepdim=True)).tolist() if model.moe_layers() else None
-    return loss.item() / n, correct.item() / n, load
 
 
 def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, *, resume: bool = False,
@@ -107,49 +60,32 @@ def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, *, resume: bool = Fals
     captured) and steady-state training begins; a sweep uses it to queue for the device while
     other runs train. `peak_tflops`: a measured peak for MFU (see peak_for). Returns losses,
     accuracy, curves, the budget, speed (ms/step, tokens/s, MFU) and the model (under "model",
-    not JSON)."""
-    check_run(model_cfg, cfg, dataset, resume=resume)
-    claim = (RunDirectory(cfg.out_dir).claim(resume=resume, overwrite=cfg.overwrite)
-             if cfg.out_dir else contextlib.nullcontext())
-    with claim as run:
-        return _train(model_cfg, cfg, dataset, run=run, resume=resume, init_from=init_from,
-                      run_file=run_file, peak_tflops=peak_tflops, label=label,
-                      callback=callback, on_ready=on_ready)
+    not JSON).
+
+    Under torchrun every process calls this (sqt.distributed: DDP, or FSDP2 with `cfg.fsdp`):
+    each trains on its share of every batch, rank 0 alone writes the run directory, and every
+    rank returns the same record."""
+    with join_processes(cfg.device, fsdp=cfg.fsdp) as parallel:
+        check_run(model_cfg, cfg, dataset, resume=resume, world_size=parallel.world_size,
+                  directory=False)
+
+        def claim():
+            if not cfg.out_dir:
+                return contextlib.nullcontext()
+            check_directory(model_cfg, cfg, dataset, resume=resume)
+            return RunDirectory(cfg.out_dir).claim(resume=resume, overwrite=cfg.overwrite)
+        # Only rank 0 checks, holds and writes the run directory; the others wait for its claim
+        # and stop with its error.
+        with parallel.main_first(claim) as run:
+            result = _train(model_cfg, cfg, dataset, run=run, parallel=parallel, resume=resume,
+                            init_from=init_from, run_file=run_file, peak_tflops=peak_tflops,
+                            label=label, callback=callback, on_ready=on_ready)
+        parallel.barrier()    # no rank returns before the run directory is written and free
+        return result
 
 
-def check_run(model_cfg: LMConfig, cfg: TrainConfig, dataset, *, resume: bool = False) -> None:
-    """What `train` refuses before it starts, checked without reading the data or writing
-    anything (a run directory's checkpoint config is read), so that a command line can refuse
-    before it prints anything: settings that do not fit the data or the device, a run directory
-    that is not to be replaced, a checkpoint of another run to resume."""
-    if model_cfg.vocab_size != dataset.tokenizer.vocab_size:
-        raise ValueError(f"vocab_size={model_cfg.vocab_size} but the dataset's tokenizer has "
-                         f"{dataset.tokenizer.vocab_size} symbols; set vocab_size to match")
-    if cfg.seq_len > model_cfg.max_seq_len:
-        raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's max_seq_len="
-                         f"{model_cfg.max_seq_len}")
-    if resume and not cfg.out_dir:
-        raise ValueError("resume=True needs out_dir: the directory holding the checkpoint")
-    device = resolve_device(cfg.device)
-    if cfg.cuda_graph and device.type != "cuda":
-        raise ValueError(f"cuda_graph=True on device {str(device)!r}: CUDA graphs need a CUDA "
-                         "device")
-    for split in ("train", "val"):
-        n = len(getattr(dataset, split))
-        if n <= cfg.seq_len + 1:
-            raise ValueError(f"seq_len={cfg.seq_len}: the {split} split of "
-                             f"{dataset.describe().get('name')!r} has only {n} tokens; expected "
-                             "more than seq_len + 1")
-    if cfg.out_dir:
-        run = RunDirectory(cfg.out_dir)
-        run.check(resume=resume, overwrite=cfg.overwrite)
-        if resume and run.checkpoint() is not None:
-            check_resumable(read_config(run.checkpoint()), model_cfg,
-                            cfg.resolve(len(dataset.train)), run.checkpoint(), dataset.describe())
-
-
-def _train(model_cfg, cfg, dataset, *, run: Optional[RunDirectory], resume, init_from,
-           run_file, peak_tflops, label, callback, on_ready) -> dict:
+def _train(model_cfg, cfg, dataset, *, run: Optional[RunDirectory], parallel: Parallel, resume,
+           init_from, run_file, peak_tflops, label, callback, on_ready) -> dict:
     name = dataset.describe().get("name")
     # Token ids enter here, once: the step itself never checks them (it must not synchronise).
     # The splits stay where they are (a memmap is read in chunks, never held whole).
@@ -159,7 +95,7 @@ def _train(model_cfg, cfg, dataset, *, run: Optional[RunDirectory], resume, init
     n_train = len(dataset.train)
     budget = cfg.budget(n_train)
     cfg = cfg.resolve(n_train)
-    device = resolve_device(cfg.device)
+    device, main = parallel.device, parallel.is_main
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -167,23 +103,35 @@ def _train(model_cfg, cfg, dataset, *, run: Optional[RunDirectory], resume, init
     dtype = DTYPES[cfg.dtype] or (torch.bfloat16 if cuda else torch.float32)
     use_compile = cuda if cfg.compile is None else cfg.compile
     use_graph = cuda if cfg.cuda_graph is None else cfg.cuda_graph
-    blocker = cuda_graph_blocker(model_cfg, device) if use_graph else None
-    if blocker:
+    blocker = (cuda_graph_blocker(model_cfg, device) or parallel.graph_blocker()) if use_graph \
+        else None
+    if blocker and main:
         print(f"note: no CUDA graph for this run ({blocker}); each step runs uncaptured",
               file=sys.stderr)
-        use_graph = False
+    use_graph = use_graph and not blocker
+    if parallel.backend is not None and main:
+        print(f"sqt: {parallel.world_size} processes, {parallel.mode.upper()} over "
+              f"{parallel.backend}, each on its {device.type}", file=sys.stderr)
 
     info = dict(zip(("peak_tflops", "peak_source"), peak_for(device, dtype, measured=peak_tflops)),
                 device=str(device), dtype=str(dtype).replace("torch.", ""),
-                compiled=use_compile, cuda_graph=use_graph)
-    torch.manual_seed(cfg.seed)
+                compiled=use_compile, cuda_graph=use_graph, **parallel.describe())
+    torch.manual_seed(cfg.seed)            # the same initial weights in every process
     model = TransformerLM(model_cfg).to(device)
     model.check_ids = False     # its ids were checked above
-    if init_from is not None and not (resume and run.checkpoint() is not None):
+    source = RunDirectory(cfg.out_dir) if cfg.out_dir else None   # read by every rank
+    if init_from is not None and not (resume and source.checkpoint() is not None):
         model.load_state_dict(initial_weights(init_from, model_cfg))
+    if parallel.rank:
+        torch.manual_seed(cfg.seed + 7919 * parallel.rank)   # dropout masks of its own
+    # Under FSDP2 each block is compiled alone (see wrap); otherwise the whole loss below.
+    compile_blocks = parallel.sharded and use_compile
+    net = parallel.wrap(model, compile_blocks={"mode": cfg.compile_mode} if compile_blocks
+                        else None)
     opt = make_optimizer(model, cfg, device, graphed=use_graph)
     sampler = make_feed(dataset.train, batch_size=cfg.batch_size, seq_len=cfg.seq_len,
-                        seed=cfg.seed, device=device, on_device=cfg.data_on_device)
+                        seed=cfg.seed, device=device, on_device=cfg.data_on_device,
+                        share=(parallel.rank, parallel.world_size))
     info["data_feed"] = sampler.kind
     val_x, val_y = fixed_windows(dataset.val, cfg.eval_batches * cfg.batch_size, cfg.seq_len,
                                  device)
@@ -191,7 +139,9 @@ def _train(model_cfg, cfg, dataset, *, run: Optional[RunDirectory], resume, init
     loss_sum = torch.zeros((), device=device)
     aux_sum = torch.zeros((), device=device)        # MoE auxiliary loss since the last evaluation
     loss_n = 0
-    state = restore(run, model, opt, cfg, device, dataset.describe()) if resume else None
+    state = (restore(source, model, opt, cfg, device, dataset.describe(),
+                     load=parallel.load_state, rank=parallel.rank) if resume else None)
+    parallel.barrier()                     # every rank has read the checkpoint it resumes from
     if state is not None:
         step, curves, best = state["step"], state["curves"], tuple(state["best"])
         loss_sum.fill_(state["loss_sum"])
@@ -202,8 +152,9 @@ def _train(model_cfg, cfg, dataset, *, run: Optional[RunDirectory], resume, init
                                                   best, label, timing=None))
             model.check_ids = True
             return {**record, "model": model}
-        # Run-level files follow the checkpoint: a kill after it may have left them behind.
-        run.write("curves.jsonl", curves_bytes(curves))
+        if run is not None:
+            # Run-level files follow the checkpoint: a kill after it may have left them behind.
+            run.write("curves.jsonl", curves_bytes(curves))
     if run is not None and run_file is not None:
         run.write("config.toml", run_file.encode())
     kept_step = step if state is not None else None
@@ -216,17 +167,19 @@ def _train(model_cfg, cfg, dataset, *, run: Optional[RunDirectory], resume, init
     def loss_fn(x, y):
         """(cross-entropy, MoE auxiliary loss); the aux is an exact 0 for a dense model."""
         with autocast():
-            logits, aux = model(x, return_aux=True)
+            logits, aux = net(x, return_aux=True)
         return F.cross_entropy(logits.float().flatten(0, 1), y.flatten()), aux
 
     # The compiled function takes the loss in with the model, so inductor fuses the last matmul's
     # epilogue and the cross-entropy. Evaluation stays eager: compiling it would cost a second
     # graph's compile time for a few dozen batches.
-    step_loss = torch.compile(loss_fn, mode=cfg.compile_mode) if use_compile else loss_fn
+    whole = use_compile and not compile_blocks
+    step_loss = torch.compile(loss_fn, mode=cfg.compile_mode) if whole else loss_fn
 
     reporter = Reporter(cfg.steps, step, label=label,
-                        bar=cfg.progress if cfg.progress is not None else sys.stderr.isatty(),
-                        log=cfg.log if cfg.log is not None else not sys.stderr.isatty())
+                        bar=main and (cfg.progress if cfg.progress is not None
+                                      else sys.stderr.isatty()),
+                        log=main and (cfg.log if cfg.log is not None else not sys.stderr.isatty()))
     tokens_per_step = cfg.batch_size * cfg.seq_len
     # Steady-state timing starts after a few steps (compilation, allocator warm-up) and excludes
     # evaluation; the clock is read only where the loop synchronises anyway.
@@ -235,40 +188,56 @@ def _train(model_cfg, cfg, dataset, *, run: Optional[RunDirectory], resume, init
     params = [p for p in model.parameters() if p.requires_grad]
     step_t = torch.tensor(step, device=device)     # the step counter the sampler reads
     watch = FiniteWatch(device)
-    where = run.checkpoint_path if run is not None else None
+    where = source.checkpoint_path if source is not None else None
+
+    def check_finite():
+        parallel.agree_on_first(watch)     # one rank's NaN stops every rank, with one message
+        watch.check(kept_step=kept_step, where=where)
 
     def one_step():
         """A whole optimizer step with no host synchronisation, so it can be captured."""
-        x, y = sampler.batch(step_t)
+        x, y = sampler.batch(step_t)       # this process's share of the step's batch
         opt.zero_grad(set_to_none=not use_graph)   # a graph needs its gradients to stay put
-        for xm, ym in zip(x.chunk(cfg.grad_accum), y.chunk(cfg.grad_accum)):
+        pieces = list(zip(x.chunk(cfg.grad_accum), y.chunk(cfg.grad_accum)))
+        for i, (xm, ym) in enumerate(pieces):
             # Equal micro-batches, each mean loss over grad_accum: the gradients add up to those
-            # of the whole batch's mean loss.
-            loss, aux = step_loss(xm, ym)
-            ((loss + aux) / cfg.grad_accum).backward()
+            # of the share's mean loss, and the processes' average (taken in the last
+            # micro-step's backward) to those of the whole batch's.
+            with parallel.micro_step(last=i == len(pieces) - 1):
+                loss, aux = step_loss(xm, ym)
+                ((loss + aux) / cfg.grad_accum).backward()
             watch.note(loss, 0, step_t)
             loss_sum.add_(loss.detach() / cfg.grad_accum)
             aux_sum.add_(aux.detach() / cfg.grad_accum)
         if cfg.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=cuda)
+            norm = parallel.clip_grad_norm(params, cfg.grad_clip, foreach=cuda)
             watch.note(norm, 1, step_t)
         opt.step()
         step_t.add_(1)
 
     def save(result: Optional[dict] = None):
+        """Every rank takes part (state gathered, sums agreed); rank 0 writes."""
         nonlocal kept_step
-        # Never a checkpoint of weights trained on a non-finite loss.
-        watch.check(kept_step=kept_step, where=where)
-        state = {"optimizer": opt.state_dict(), "step": step, "curves": curves, "best": list(best),
-                 "loss_sum": loss_sum.item(), "loss_n": loss_n, "aux_sum": aux_sum.item(),
-                 "rng_cpu": torch.get_rng_state(),
-                 "rng_cuda": torch.cuda.get_rng_state(device) if cuda else None}
-        if result is not None:
-            state["result"] = result
-        run.save(model, tokenizer=dataset.tokenizer, train_state=state, meta={
-            "train": cfg.to_dict(), "budget": budget, "dataset": dataset.describe(),
-            "step": step, "final": result is not None})
-        run.write("curves.jsonl", curves_bytes(curves))
+        check_finite()    # never a checkpoint of weights trained on a non-finite loss
+        for total in (loss_sum, aux_sum):
+            parallel.mean_(total)      # the sums since the last evaluation, over all ranks
+        weights, optimizer = parallel.model_state(model), parallel.optimizer_state(model, opt)
+        rng = parallel.gather((torch.get_rng_state(),
+                               torch.cuda.get_rng_state(device) if cuda else None))
+        if run is not None:
+            state = {"optimizer": optimizer, "step": step, "curves": curves, "best": list(best),
+                     "loss_sum": loss_sum.item(), "loss_n": loss_n, "aux_sum": aux_sum.item(),
+                     "rng_cpu": rng[0][0], "rng_cuda": rng[0][1]}
+            if rng[1:]:
+                state["rng_ranks"] = rng[1:]     # ranks 1.. (their dropout masks)
+            if result is not None:
+                state["result"] = result
+            run.save(model, tokenizer=dataset.tokenizer, train_state=state, state_dict=weights,
+                     meta={"train": cfg.to_dict(), "budget": budget, "step": step,
+                           "dataset": dataset.describe(), "final": result is not None,
+                           **parallel.describe()})
+            run.write("curves.jsonl", curves_bytes(curves))
+        parallel.barrier()            # the others wait while rank 0 writes
         kept_step = step
 
     # With CUDA graphs, the first steps run normally on a side stream (compilation, lazy optimizer
@@ -278,14 +247,9 @@ def _train(model_cfg, cfg, dataset, *, run: Optional[RunDirectory], resume, init
     side = torch.cuda.Stream(device) if use_graph else None
     t_start = time.perf_counter()
     t_interval, interval_from = t_start, step      # the log line's ms/step: since the last one
-    model.train()
+    net.train()
     while step < cfg.steps:
-        lr = lr_at(step, cfg)
-        for g in opt.param_groups:
-            if isinstance(g["lr"], torch.Tensor):
-                g["lr"].fill_(lr)
-            else:
-                g["lr"] = lr
+        lr = set_lr(opt, lr_at(step, cfg))
         sampler.prepare(step)
         if graph is not None:
             graph.replay()
@@ -317,14 +281,17 @@ def _train(model_cfg, cfg, dataset, *, run: Optional[RunDirectory], resume, init
             t_mark, mark_step = time.perf_counter(), step
         evaluated = step % cfg.eval_every == 0 or step == cfg.steps
         if evaluated:
+            for total in (loss_sum, aux_sum):
+                parallel.mean_(total)
             train_loss = loss_sum.item() / loss_n   # the one host sync between evaluations
-            watch.check(kept_step=kept_step, where=where)
+            check_finite()
             now = time.perf_counter()
             if t_mark is not None:
                 timed_s += now - t_mark
                 timed_steps += step - mark_step
             val_loss, val_acc, expert_load = evaluate(model, val_x, val_y, autocast,
-                                                      micro_batch=cfg.micro_batch)
+                                                      micro_batch=cfg.micro_batch,
+                                                      parallel=parallel)
             if not math.isfinite(val_loss):
                 raise NonFiniteLoss(what="validation loss", value=val_loss, step=step,
                                     kept_step=kept_step, where=where)
@@ -343,7 +310,7 @@ def _train(model_cfg, cfg, dataset, *, run: Optional[RunDirectory], resume, init
                                  "ms_per_step": round(interval_ms, 3),
                                  "tokens_per_s": round(tokens_per_step / interval_ms * 1e3),
                                  "elapsed_s": round(now - t_start, 3)})
-        if run is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 \
+        if source is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 \
                 and step < cfg.steps:
             save()
         if evaluated:
@@ -356,12 +323,13 @@ def _train(model_cfg, cfg, dataset, *, run: Optional[RunDirectory], resume, init
         if callback is not None:
             callback(step)
     reporter.close()
-    watch.check(kept_step=kept_step, where=where)
+    check_finite()
     timing = {"wall_s": time.perf_counter() - t_start, "timed_s": timed_s,
               "timed_steps": timed_steps}
     result = _result(model, cfg, budget, dataset, info, curves, best, label, timing=timing)
-    if run is not None:
+    if source is not None:
         save(result)
+    if run is not None:
         run.write("result.json", (json.dumps(result, indent=2) + "\n").encode())
     model.check_ids = True
     return {**result, "model": model}
@@ -377,7 +345,7 @@ def _result(model, cfg, budget, dataset, info: dict, curves, best, label, *,
     tokens_per_step = cfg.batch_size * cfg.seq_len
     flops = train_step_flops(model.config, cfg.batch_size, cfg.seq_len)
     achieved = flops / (ms_per_step * 1e-3) / 1e12 if ms_per_step else None
-    peak = info["peak_tflops"]
+    peak = info["peak_tflops"]     # of one device; the run has world_size of them
     last = curves[-1] if curves else {}
     return {
         "label": label,
@@ -388,6 +356,8 @@ def _result(model, cfg, budget, dataset, info: dict, curves, best, label, *,
         "params": model.num_params(),
         "device": info["device"], "dtype": info["dtype"], "compiled": info["compiled"],
         "cuda_graph": info["cuda_graph"], "data_feed": info["data_feed"],
+        "world_size": info["world_size"], "parallel": info["parallel"],
+        "process_group_backend": info["process_group_backend"],
         "compile_mode": cfg.compile_mode,
         "best_val_loss": best[0], "best_step": best[1],
         "final_val_loss": last.get("val_loss"), "final_train_loss": last.get("train_loss"),
@@ -398,6 +368,6 @@ def _result(model, cfg, budget, dataset, info: dict, curves, best, label, *,
         "tokens_per_s": tokens_per_step / (ms_per_step * 1e-3) if ms_per_step else None,
         "train_flops_per_step": flops, "achieved_tflops": achieved,
         "peak_tflops": peak, "peak_source": info["peak_source"],
-        "mfu": achieved / peak if achieved and peak else None,
+        "mfu": achieved / (peak * info["world_size"]) if achieved and peak else None,
         "run_record": run_record(info["device"]),
     }

@@ -35,6 +35,18 @@ def chunk_starts(n_tokens: int, batch_size: int, seq_len: int, seed: int, k: int
     return torch.randint(n_tokens - seq_len - 1, (CHUNK, batch_size), generator=gen)
 
 
+def share_rows(batch_size: int, share: tuple[int, int]) -> slice:
+    """The rows of a step's batch that process `rank` of `world` takes (`share` = (rank,
+    world)): an equal, contiguous slice, so the batch a step trains on is the same for any number
+    of processes."""
+    rank, world = share
+    if batch_size % world:
+        raise ValueError(f"batch_size={batch_size}: expected a multiple of the {world} "
+                         "processes, each taking an equal share of every batch")
+    per = batch_size // world
+    return slice(rank * per, (rank + 1) * per)
+
+
 def _check_length(n_tokens: int, seq_len: int, split: str) -> None:
     if n_tokens <= seq_len + 1:
         raise ValueError(f"seq_len={seq_len}: the {split} split has only {n_tokens} tokens; "
@@ -44,18 +56,22 @@ def _check_length(n_tokens: int, seq_len: int, split: str) -> None:
 class Sampler:
     """The device feed: the whole split on the device, windows gathered there. A step's whole
     batch is drawn at once (then split into micro-batches), so what a step sees does not depend
-    on gradient accumulation. Resuming needs no sampler state, and the lookup is indexed by a step
+    on gradient accumulation (or on how many processes share it: each takes its `share` of the
+    rows, see share_rows). Resuming needs no sampler state, and the lookup is indexed by a step
     counter on the device, so the whole training step (batch included) can be captured once as a
     CUDA graph. The trainer makes two calls of a feed: `prepare(step)` on the host before each
     step, `batch(step_t)` on the device inside it."""
 
     kind = "device"
 
-    def __init__(self, data: torch.Tensor, batch_size: int, seq_len: int, seed: int):
+    def __init__(self, data: torch.Tensor, batch_size: int, seq_len: int, seed: int, *,
+                 share: tuple[int, int] = (0, 1)):
         _check_length(data.numel(), seq_len, "training")
         self.data, self.B, self.T, self.seed = data, batch_size, seq_len, seed
+        self.rows = share_rows(batch_size, share)
         self.offsets = torch.arange(seq_len + 1, device=data.device)
-        self.table = torch.empty(CHUNK, batch_size, dtype=torch.long, device=data.device)
+        self.table = torch.empty(CHUNK, self.rows.stop - self.rows.start, dtype=torch.long,
+                                 device=data.device)
         self.loaded = None
 
     def prepare(self, step: int) -> None:
@@ -63,7 +79,8 @@ class Sampler:
         captured graph sees the new values)."""
         k = step // CHUNK
         if k != self.loaded:
-            self.table.copy_(chunk_starts(self.data.numel(), self.B, self.T, self.seed, k))
+            self.table.copy_(chunk_starts(self.data.numel(), self.B, self.T, self.seed,
+                                          k)[:, self.rows])
             self.loaded = k
 
     def batch(self, step: torch.Tensor):
@@ -85,12 +102,15 @@ class HostFeed:
 
     kind = "host"
 
-    def __init__(self, split, batch_size: int, seq_len: int, seed: int, device):
+    def __init__(self, split, batch_size: int, seq_len: int, seed: int, device, *,
+                 share: tuple[int, int] = (0, 1)):
         self.split = split.numpy() if isinstance(split, torch.Tensor) else split
         _check_length(len(self.split), seq_len, "training")
         self.B, self.T, self.seed = batch_size, seq_len, seed
+        self.rows = share_rows(batch_size, share)
         device = torch.device(device)
-        self.buffer = torch.empty(batch_size, seq_len + 1, dtype=torch.long, device=device)
+        self.buffer = torch.empty(self.rows.stop - self.rows.start, seq_len + 1,
+                                  dtype=torch.long, device=device)
         self.pinned, self.events, self.turn = [], [], 0
         if device.type == "cuda":
             self.pinned = [torch.empty_like(self.buffer, device="cpu").pin_memory()
@@ -101,7 +121,8 @@ class HostFeed:
     def prepare(self, step: int) -> None:
         k = step // CHUNK
         if k != self.loaded:
-            self.table = chunk_starts(len(self.split), self.B, self.T, self.seed, k).numpy()
+            self.table = chunk_starts(len(self.split), self.B, self.T, self.seed,
+                                      k)[:, self.rows].numpy()
             self.loaded = k
         starts = self.table[step % CHUNK]
         if not self.pinned:
@@ -147,12 +168,13 @@ def upload(split, device) -> torch.Tensor:
 
 
 def make_feed(split, *, batch_size: int, seq_len: int, seed: int, device,
-              on_device: Optional[bool]):
+              on_device: Optional[bool], share: tuple[int, int] = (0, 1)):
     """The training feed for `split`: a `Sampler` over the uploaded split or a `HostFeed` over the
-    split where it is (`on_device`: True, False, or None to decide by size)."""
+    split where it is (`on_device`: True, False, or None to decide by size). `share`: (rank,
+    world size) of a process that takes its share of every batch (share_rows)."""
     if data_on_device(on_device, len(split), device):
-        return Sampler(upload(split, device), batch_size, seq_len, seed)
-    return HostFeed(split, batch_size, seq_len, seed, device)
+        return Sampler(upload(split, device), batch_size, seq_len, seed, share=share)
+    return HostFeed(split, batch_size, seq_len, seed, device, share=share)
 
 
 def fixed_windows(data, n: int, seq_len: int, device):
