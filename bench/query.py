@@ -112,9 +112,11 @@ def plan(args, run_dir: Path) -> tuple[list, list]:
     return specs, seeds if {"static", "uptrain"} & set(args.experiments) else []
 
 
-def execute(args, specs, seeds, common) -> None:
+def execute(args, specs, seeds, common) -> list[dict]:
     """Train every spec, and each seed's conversions as soon as its base is trained (or at once,
-    when the run folder holds it already). Results go to the run folder."""
+    when the run folder holds it already). Results go to the run folder; returns the failures
+    (with several jobs; one job stops at the first)."""
+    failures: list[dict] = []
     pending = {s["seed"] for s in specs if s["role"] == "base"}
     threads = (args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
                if args.device_type == "cpu" else None)
@@ -128,20 +130,36 @@ def execute(args, specs, seeds, common) -> None:
                 after_base(seed, common)
         finally:
             torch.set_num_threads(before)
-        return
+        return failures
     ctx = torch.multiprocessing.get_context("spawn")
     slots = ctx.Semaphore(args.device_slots) if args.device_type == "cuda" else None
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx, initializer=init_worker,
                              initargs=(slots, threads)) as pool:
-        after = [pool.submit(after_base, seed, common) for seed in seeds if seed not in pending]
+        after = {pool.submit(after_base, seed, common): f"seed {seed}'s conversions"
+                 for seed in seeds if seed not in pending}
         trained = {pool.submit(train_task, s, common): s for s in specs}
         for fut in as_completed(list(trained)):
             spec = trained[fut]
-            fut.result()
+            if _failed(fut, spec["label"], failures):
+                continue
             if spec["role"] == "base" and spec["seed"] in seeds:
-                after.append(pool.submit(after_base, spec["seed"], common))
-        for fut in after:
-            fut.result()
+                after[pool.submit(after_base, spec["seed"], common)] = \
+                    f"seed {spec['seed']}'s conversions"
+        for fut, what in after.items():
+            _failed(fut, what, failures)
+    return failures
+
+
+def _failed(fut, what: str, failures: list) -> bool:
+    """One run's failure (out of memory, a crashed worker) is recorded and the others go on: the
+    work already finished stays in the run folder, and `--into` can redo only what failed."""
+    try:
+        fut.result()
+        return False
+    except Exception as e:
+        failures.append({"what": what, "error": f"{type(e).__name__}: {str(e).splitlines()[0]}"})
+        print(f"  FAILED {what}: {failures[-1]['error']}", flush=True)
+        return True
 
 
 def summarize(args, record, run_dir: Path) -> dict:
@@ -219,12 +237,21 @@ def main(argv=None) -> int:
     steps = sum(s["steps"] for s in specs)
     print(f"query: {len(specs)} runs from scratch ({steps:,} steps), conversions of "
           f"{len(seeds)} base(s), on {device}, jobs={args.jobs} -> {run_dir}", flush=True)
-    execute(args, specs, seeds, common)
+    failures = execute(args, specs, seeds, common)
     record = {**run_record(device), "jobs": args.jobs, "device_slots": args.device_slots,
+              "failures": failures,
               "total_wall_s": time.perf_counter() - PROCESS_START, "wall_from": "process start",
               "command": "python -m bench.query " + " ".join(sys.argv[1:] if argv is None
                                                                else argv)}
+    if not (run_dir / "runs").is_dir() or not any((run_dir / "runs").glob("base-*.json")):
+        print(f"error: no MHA base was trained; nothing to summarize in {run_dir}",
+              file=sys.stderr)
+        return 1
     summarize(args, record, run_dir)
+    if failures:
+        print(f"{len(failures)} part(s) failed (listed in the summary's run_record); rerun with "
+              f"--into {run_dir} to redo them", file=sys.stderr)
+        return 1
     if args.no_report:
         print(f"Wall time {record['total_wall_s']:.1f} s. Summary: {run_dir / 'summary.json'}")
     else:
