@@ -101,7 +101,9 @@ def check_compiled_step(device, head_dim: int = 64) -> dict:
                 p.grad.zero_()             # kept in place: a captured graph writes into them
         loss = fn(model)
         loss.backward()
-        return loss
+        # Detached: a loss that keeps its autograd graph keeps the AccumulateGrad nodes of the
+        # default stream alive, and the capture on the side stream then fails.
+        return loss.detach()
     want = step(loss_fn).detach().clone()
     want_grads = [p.grad.clone() for p in params]
     row: dict = {"head_dim": head_dim, "layers": "gqa", "fullgraph": "ok"}

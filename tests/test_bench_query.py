@@ -55,8 +55,8 @@ def test_the_report_renders_the_run_and_draws_its_figures(tiny_run):
     for heading in ("probe predict", "match training from scratch", "Controls"):
         assert heading in text
     pytest.importorskip("matplotlib")
-    assert (path.parent / "query-static-tiny.png").stat().st_size > 0
-    assert (path.parent / "query-uptrain-tiny.png").stat().st_size > 0
+    assert (path.parent / f"query-static-{path.parent.name}.png").stat().st_size > 0
+    assert (path.parent / f"query-uptrain-{path.parent.name}.png").stat().st_size > 0
 
 
 def test_the_document_takes_the_newest_run_of_each_preset(tiny_run, tmp_path):
@@ -67,14 +67,23 @@ def test_the_document_takes_the_newest_run_of_each_preset(tiny_run, tmp_path):
     assert "No runs yet" in empty and "python -m bench.query" in empty
 
 
-def test_newest_per_preset(tmp_path):
-    for name, preset in (("20260101-000000-medium", "medium"),
-                         ("20260102-000000-medium-again", "medium"),
-                         ("20260101-000000-sqa-dense", "sqa-dense")):
+def test_newest_per_preset_and_question(tmp_path):
+    def uptrain(target):
+        return {"experiments": ["uptrain"], "uptrain": {"rows": [{"target": target}]}}
+    for name, summary in (("20260101-000000-medium", {"preset": "medium"}),
+                          ("20260102-000000-medium-again", {"preset": "medium"}),
+                          ("20260101-000000-sqa-dense", {"preset": "sqa-dense"}),
+                          ("20260102-000000-sqa-dense", {"preset": "sqa-dense", **uptrain("sqa")}),
+                          ("20260103-000000-sqa-dense", {"preset": "sqa-dense",
+                                                         **uptrain("xsqa")}),
+                          ("20260104-000000-sqa-dense", {"preset": "sqa-dense",
+                                                         **uptrain("xsqa")})):
         (tmp_path / "query" / name).mkdir(parents=True)
-        (tmp_path / "query" / name / "summary.json").write_text(json.dumps({"preset": preset}))
+        (tmp_path / "query" / name / "summary.json").write_text(json.dumps(summary))
+    # A rerun of the same question replaces the earlier one; another question is shown beside it.
     assert [p.parent.name for _, p in query_section.newest_per_preset(tmp_path)] == [
-        "20260102-000000-medium-again", "20260101-000000-sqa-dense"]
+        "20260102-000000-medium-again", "20260101-000000-sqa-dense",
+        "20260102-000000-sqa-dense", "20260104-000000-sqa-dense"]
 
 
 def test_bad_settings_are_one_line_and_status_2(tiny_run, capsys):

@@ -62,6 +62,9 @@ def test_top_k_one_and_tiny_top_p_are_greedy():
     greedy = logits.argmax(-1)
     assert torch.equal(sample_next(logits, temperature=1.0, top_k=1), greedy)
     assert torch.equal(sample_next(logits, temperature=1.0, top_p=1e-6), greedy)
+    # A top_p below the rounding of a softmax sum still keeps the best token (never all -inf).
+    for tiny in (1e-12, 1e-300, 5e-324):
+        assert torch.equal(sample_next(logits, temperature=1.0, top_p=tiny), greedy)
 
 
 def test_top_k_samples_only_among_the_k_best():

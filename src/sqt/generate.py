@@ -79,8 +79,12 @@ def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: Option
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # Drop a token when the mass before it already reaches top_p (the first always stays).
-        drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p
+        # Drop a token when the mass before it already reaches top_p. The mass before the first
+        # is exactly 0 (a shifted cumsum, not cum - p, whose rounding can exceed a tiny top_p),
+        # so the first always stays.
+        before = torch.cat([torch.zeros_like(cum[..., :1]), cum[..., :-1]], dim=-1)
+        # A top_p below float32's smallest normal number would round to 0 there.
+        drop_sorted = before >= max(top_p, torch.finfo(cum.dtype).tiny)
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)

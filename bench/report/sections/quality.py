@@ -5,7 +5,6 @@ and samples; before them, the judged criteria (bench/report/sections/quality_cri
 
 from __future__ import annotations
 
-import os
 import unicodedata
 from pathlib import Path
 from typing import Optional
@@ -38,7 +37,7 @@ def section(ctx) -> Optional[str]:
         if ctx.figure_dir is not None:
             name = PLOT.format(regime=g["identity"]["regime"], role=g["identity"]["role"])
             if written(draw(g, Path(ctx.figure_dir) / name)):
-                img = _relative(Path(ctx.figure_dir) / name, ctx.doc_dir)
+                img = name    # figures are linked by name, as every section links them
         parts.append(grid_section(g, img))
     return "\n\n".join(parts)
 
@@ -55,10 +54,6 @@ def quality_run_markdown(folder: Path, *, plot: bool = True) -> tuple[str, list]
         console.append(f"plot: {note}")
         img = (folder / CURVES).as_posix() if written(note) else None
     return "\n\n".join(criteria_lines(crit) + [grid_section(g, img)]), console
-
-
-def _relative(path: Path, doc_dir) -> str:
-    return (Path(os.path.relpath(path, doc_dir)) if doc_dir is not None else path).as_posix()
 
 
 def draw(g: dict, path: Path) -> str:

@@ -33,12 +33,17 @@ def section(ctx) -> str:
 
 
 def newest_per_preset(results: Path) -> list[tuple[dict, Path]]:
-    """(summary, path) of the newest run of each preset; run folders start with a UTC stamp."""
+    """(summary, path) of the newest run of each preset and question: runs that answer different
+    experiments (or uptrain different targets) are each shown, a rerun of the same replaces
+    the earlier one. Run folders start with a UTC stamp."""
     newest: dict = {}
     for path in sorted(Path(results).glob("query/*/summary.json")):
         summary = load_json(path, made_by="bench.query")
-        newest[summary.get("preset")] = (summary, path)   # later ones win
-    return [newest[k] for k in sorted(newest, key=str)]
+        targets = tuple(dict.fromkeys(r["target"] for r in
+                                      summary.get("uptrain", {}).get("rows", [])))
+        key = (str(summary.get("preset")), tuple(summary.get("experiments", [])), targets)
+        newest[key] = (summary, path)   # later ones win
+    return [newest[k] for k in sorted(newest)]
 
 
 def _se_word(ms: Optional[dict], *, lower_is: str, higher_is: str) -> str:
@@ -68,10 +73,10 @@ def query_section(summary: dict, path: Path, figure_dir=None) -> str:
                      + "; ".join(f"`{c}`" for c in summary["commands"]) + ".")
     if "static" in summary:
         parts.append(static_part(summary["static"], _figure(
-            query_static_plot, summary, figure_dir, f"query-static-{preset}.png")))
+            query_static_plot, summary, figure_dir, f"query-static-{path.parent.name}.png")))
     if "uptrain" in summary:
         parts.append(uptrain_part(summary["uptrain"], _figure(
-            query_uptrain_plot, summary, figure_dir, f"query-uptrain-{preset}.png")))
+            query_uptrain_plot, summary, figure_dir, f"query-uptrain-{path.parent.name}.png")))
     if summary.get("controls"):
         parts.append(controls_part(summary["controls"]))
     return "\n\n".join(parts)
