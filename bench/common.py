@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from sqt.utils import atomic_write_json, is_out_of_memory, run_record  # noqa: F401  (re-exported)
+from sqt.utils import is_out_of_memory
 
 
 def failure_of(error: BaseException) -> dict | None:

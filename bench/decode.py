@@ -31,14 +31,15 @@ from typing import Optional
 
 import torch
 
-from bench.common import atomic_write_json, copy_bandwidth_gbs, report_run, run_record, summarize, \
-    time_fn
+from bench.common import copy_bandwidth_gbs, report_run, summarize, time_fn
 from bench.engine_steps import greedy_steps, kernel_profile
 from sqt.accounting import kv_bytes_per_token, weight_bytes_per_decode_step
-from sqt.config import PRESETS, SEED_SIZES, LMConfig, hybrid_layers
+from sqt.config import PRESETS, SEED_SIZES, LMConfig
 from sqt.engine import DecodeEngine
 from sqt.generate import generate
 from sqt.model import TransformerLM
+from sqt.utils import atomic_write_json, run_record
+from sqt.variants import hybrid_layers
 
 SIZES = {name: PRESETS[name] for name in SEED_SIZES}
 # A larger model for long contexts: RoPE (no length limit but the SQT table), SwiGLU, vocab 65 so
@@ -152,7 +153,6 @@ class Runner:
             row["prefill"] = time_fn(lambda: engine.prefill(idx), dev, warmup=1,
                                      repeats=max(3, a.repeats // 2), max_seconds=a.case_seconds)
         row["status"] = "ok"
-        del engine
         return row
 
     @torch.no_grad()

@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.common import atomic_write_json, attention_kernel_names, run_record, time_fn
+from bench.common import attention_kernel_names, time_fn
 from bench.gpu_check_flash import check_flash
 from sqt import TransformerLM, preset
-from sqt.config import VARIANTS
+from sqt.utils import atomic_write_json, run_record
+from sqt.variants import VARIANTS
 
 CASES = list(VARIANTS) + ["mha@128", "sqa@128", "table:xsqa", "rotary:gqa"]
 PARTS = ("variants", "train", "flash")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from bench.common import sync
 from sqt import TransformerLM, flash, preset
-from sqt.config import VARIANTS
+from sqt.variants import VARIANTS
 
 CASES = list(VARIANTS) + ["mha@128", "sqa@128", "table:xsqa", "rotary:gqa"]
 HEAD_DIMS = {16: False, 64: True, 128: True}       # head dim -> check the backward too

@@ -17,6 +17,7 @@ from . import quality_grid as qg
 from .common import report_run
 from .execution import run_grid
 from .mps import mps_daemon
+from .quality_task import quality_run
 
 
 def part_specs(grids: list[dict], regime: qg.Regime) -> list[dict]:
@@ -37,7 +38,6 @@ def part_specs(grids: list[dict], regime: qg.Regime) -> list[dict]:
 
 def run_part(args, regime: qg.Regime, grids: list[dict], *, device, peak: float,
              prepare_s: float, record: dict, process_start: float) -> int:
-    from .quality import quality_run
     cuda = device.type == "cuda"
     jobs = args.jobs or (regime.jobs if cuda else 1)
     slots = args.device_slots if cuda and jobs > 1 else None

@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sqt.config import PRESETS, SEED_SIZES, hybrid_layers, preset
+from sqt.config import PRESETS, SEED_SIZES, preset
 from sqt.utils import atomic_write_json
+from sqt.variants import hybrid_layers
 
 from .common import show_run
 from .sweep import (SIZE_HPARAMS, aggregate, check_args, common_args, execute, failed_rows,

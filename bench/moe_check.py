@@ -16,9 +16,10 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from bench.common import atomic_write_json, run_record, time_fn
+from bench.common import time_fn
 from sqt import TransformerLM, active_param_count, param_count, preset
 from sqt.moe import MoE, cuda_graph_blocker
+from sqt.utils import atomic_write_json, run_record
 
 STEP_RATIO_TARGET = 2.0
 

@@ -31,8 +31,9 @@ from pathlib import Path
 import torch
 
 from sqt.accounting import param_count
-from sqt.config import SEED_SIZES, VARIANTS, preset, recipe_settings
+from sqt.config import SEED_SIZES, preset, recipe_settings
 from sqt.utils import atomic_write_json, resolve_device, run_record
+from sqt.variants import VARIANTS
 
 from .common import matmul_peak_tflops, report_run
 from .execution import run_grid, train_run

@@ -21,14 +21,14 @@ import time
 
 import torch
 
-from bench.common import atomic_write_json, matmul_peak_tflops, report_run, run_record
+from bench.common import matmul_peak_tflops, report_run
 from bench.throughput_cases import (MODEL_FAMILIES, MODELS, OP_FAMILIES, SDPA_FORCE, TRAIN_MODES,
                                     WINDOW_FAMILIES, head_dim_of, n_heads_of, run_case)
 from sqt import flash
-from sqt.config import parse_layer
 from sqt.kernels import AUTO_FLASH
-from sqt.utils import allow_many_recompiles
+from sqt.utils import allow_many_recompiles, atomic_write_json, run_record
 from sqt.accounting import attention_flops, forward_flops
+from sqt.variants import parse_layer
 
 DEFAULT_SEQS = (1024, 4096, 32768, 131072, 200000)
 DEFAULT_VARIANTS = ("mha", "gqa", "mqa", "sqa", "ssqa", "xsqa", "xsmqa", "lsqa",

@@ -19,10 +19,11 @@ import torch.nn.functional as F
 from bench.common import attention_kernel_names, time_fn
 from bench.layer_memory import layer_memory
 from sqt import flash, kernels
-from sqt.config import LayerSpec, LMConfig, parse_layer, preset
+from sqt.config import LMConfig, preset
 from sqt.accounting import attention_flops, attention_train_flops, forward_flops, \
     train_step_flops
 from sqt.model import TransformerLM
+from sqt.variants import LayerSpec, parse_layer
 
 # Model-level entries run the whole LM; op-level ("attn*") entries run only sqt.kernels.attend on
 # random q, k, v of the variant's head counts. `paper` is the SQA paper's dense model.
@@ -161,13 +162,12 @@ def _model_case(model_name, mode, family, variant, seq, batch, device, sdpa_forc
             "params": model.num_params(), "sdpa_force": sdpa_force if family == "sdpa" else None,
             "fused_adamw": mode in TRAIN_MODES and device.type == "cuda",
             "checkpoint_blocks": cfg.checkpoint_blocks, **_flash_entry(family, device)}
-    memory = None
-    if device.type == "cuda":
-        def memory():
-            return layer_memory(cfg, batch, seq, device, train=mode in TRAIN_MODES, context=ctx)
+
+    def memory():
+        return layer_memory(cfg, batch, seq, device, train=mode in TRAIN_MODES, context=ctx)
     return Case(fn, spec, cfg.head_dim, attn, flops, info,
                 first_step=lambda: {k: v.item() for k, v in first.items()},
-                layer_memory=memory)
+                layer_memory=memory if device.type == "cuda" else None)
 
 
 def _flash_entry(family: str, device: torch.device) -> dict:

@@ -6,7 +6,7 @@ import torch
 
 from conftest import LAYER_CASES, build, case_id
 from sqt import HEAD_LAYOUTS, VARIANTS, Attention, KVCache, attention_layer
-from sqt.config import QUERY_SOURCES
+from sqt.variants import QUERY_SOURCES
 
 BLOCK_OPTIONS = {"classic": dict(rope=False, bias=True), "modern": dict(rope=True, bias=False)}
 

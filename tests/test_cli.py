@@ -14,7 +14,8 @@ from hypothesis import given, settings, strategies as st
 
 from sqt import LMConfig, TransformerLM
 from sqt.checkpoint import save_model
-from sqt.cli import main, parser, resolve_train
+from sqt.cli import main, parser
+from sqt.cli_train import resolve_train
 from sqt.config import SEED_SIZES, preset
 from sqt.runconfig import MODEL_FIELDS, TRAIN_FIELDS, read_run_file, run_file_text
 from sqt.utils import resolve_device

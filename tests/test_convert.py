@@ -9,8 +9,8 @@ import torch
 
 from conftest import build
 from sqt.convert import convert, head_groups
-from sqt.config import parse_layer
 from sqt.probe import mean_loss, query_probe
+from sqt.variants import parse_layer
 
 VOCAB = 37
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from sqt.accounting import param_count
-from sqt.cli import parser, resolve_train
+from sqt.cli import parser
+from sqt.cli_train import resolve_train
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")

@@ -9,7 +9,8 @@ import pytest
 
 from bench import quality
 from bench import quality_grid as qg
-from sqt.config import parse_layer, preset
+from sqt.config import preset
+from sqt.variants import parse_layer
 
 TOY = qg.Regime(name="toy", preset="tiny", tokenizer="char",
                 variants={"mha": "mha", "xsqa": "xsqa"}, budget={"epochs": 1.0}, eval_points=2, eval_batches=1, val_fraction=0.1, jobs=1,

@@ -25,4 +25,6 @@ document.py where it should appear. Import nothing outside this package but the 
 library and matplotlib (tests/test_report.py checks that torch and sqt stay out).
 """
 
-from .cli import main  # noqa: F401  (`from bench import report; report.main([...])`)
+from .cli import main
+
+__all__ = ["main"]   # `from bench import report; report.main([...])`

@@ -6,11 +6,12 @@ variant into another."""
 
 from .accounting import active_param_count, param_count
 from .attention import Attention, KVCache, attention_layer
-from .config import HEAD_LAYOUTS, PRESETS, SEED_SIZES, VARIANTS, LayerSpec, LMConfig, parse_layer, preset
+from .config import PRESETS, SEED_SIZES, LMConfig, preset
 from .generate import generate, sample_next, stream
 from .model import BaselineLM, HybridLM, SQTLM, TransformerLM
 from .moe import MoE
 from .tokenizer import load_tokenizer
+from .variants import HEAD_LAYOUTS, VARIANTS, LayerSpec, parse_layer
 
 from_pretrained = TransformerLM.from_pretrained
 """`sqt.from_pretrained(DIR)`: the model of a model directory (`model.save_pretrained(DIR)`),

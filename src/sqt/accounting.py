@@ -4,7 +4,8 @@ engine and every benchmark. Tests check each formula against the built model."""
 
 from __future__ import annotations
 
-from .config import LayerSpec, LMConfig
+from .config import LMConfig
+from .variants import LayerSpec
 
 
 def param_count(cfg: LMConfig) -> int:

@@ -11,8 +11,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import LayerSpec, LMConfig, check_query_width
+from .config import LMConfig
 from .kernels import attend, attend_cached, cached_bias, check_backend, resolve_backend
+from .variants import LayerSpec, check_query_width
 
 
 class Rotary(nn.Module):

@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import torch
 
-from .config import LayerSpec, parse_layer, variant_name
 from .model import TransformerLM
 from .probe import heads_by_content, positional_means, query_probe
+from .variants import LayerSpec, parse_layer, variant_name
 
 METHODS = ("first", "content", "pooled")
 

@@ -13,10 +13,11 @@ from typing import Optional
 import torch
 
 from . import hf_heads
-from .config import LayerSpec, LMConfig, variant_name
+from .config import LMConfig
 from .hf_read import plain_config, read_hf_dir
 from .model import TransformerLM
 from .utils import atomic_write_bytes, atomic_write_json
+from .variants import LayerSpec, variant_name
 
 SQT_BLOCK = "sqt"          # config.json entry recording the exported model's own config
 SQT_BLOCK_FORMAT = 1

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from .config import LayerSpec
+from .variants import LayerSpec
 
 
 class NotRestorable(ValueError):

@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from .config import LayerSpec, LMConfig
+from .config import LMConfig
+from .variants import LayerSpec
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 # What HF's config classes assume when config.json leaves a field out.

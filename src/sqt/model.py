@@ -16,10 +16,11 @@ from torch.utils.checkpoint import checkpoint
 
 from . import modeldir
 from .attention import Attention, KVCache
-from .config import LayersArg, LMConfig, hybrid_layers, preset
+from .config import LMConfig, preset
 from .kernels import cached_bias
 from .moe import MoE
 from .utils import check_token_id_tensor, check_token_ids, resolve_device
+from .variants import LayersArg, hybrid_layers
 
 
 class RMSNorm(nn.Module):

@@ -3,7 +3,7 @@ autocast on CUDA, optional torch.compile and a captured CUDA graph per step, eva
 validation windows, learning curves, checkpoints swapped in whole, an exact resume, and a stop
 with a clear error when the loss stops being finite; alone or as one of several processes under
 torchrun (DDP or FSDP2, sqt.distributed). Its settings are sqt.runconfig's TrainConfig; its
-command line is `sqt train` (sqt.cli)."""
+command line is `sqt train` (sqt.cli_train)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,6 @@ inference claim survives once launch overhead is gone."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 from ..claims import DECODE_TARGETS, SEED_CLAIM
