@@ -11,11 +11,14 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from sqt.utils import atomic_write_json
 
 from . import quality_grid as qg
 from .common import report_run
 from .execution import run_grid
+from .gpus import parse_gpus
 from .mps import mps_daemon
 from .quality_task import quality_run
 
@@ -39,17 +42,23 @@ def part_specs(grids: list[dict], regime: qg.Regime) -> list[dict]:
 def run_part(args, regime: qg.Regime, grids: list[dict], *, device, peak: float,
              prepare_s: float, record: dict, process_start: float) -> int:
     cuda = device.type == "cuda"
-    jobs = args.jobs or (regime.jobs if cuda else 1)
-    slots = args.device_slots if cuda and jobs > 1 else None
+    # --gpus: one worker per GPU, pinned to it; each run has a GPU alone, so no device slots.
+    gpus = parse_gpus(args.gpus, available=torch.cuda.device_count()) if args.gpus else None
+    jobs = len(gpus) if gpus else args.jobs or (regime.jobs if cuda else 1)
+    slots = args.device_slots if cuda and jobs > 1 and not gpus else None
     specs = part_specs(grids, regime)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     part_id = f"{stamp}-{os.getpid()}"
+    # Two parts of one process within a second (a script calling main twice) get distinct ids.
+    taken = {p.stem for g in grids for p in (Path(g["folder"]) / "parts").glob("*.json")}
+    part_id = next(i for i in (part_id, *(f"{part_id}-{n}" for n in range(2, 10 ** 6)))
+                   if i not in taken)
     started = time.time() - (time.perf_counter() - process_start)
     deadline = started + 60 * args.max_minutes if args.max_minutes else None
     part = {"kind": "quality_part", "id": part_id, "regime": regime.name,
             "grids": [g["id"] for g in grids], "run_record": record,
             "command": "python -m bench.quality " + " ".join(sys.argv[1:]),
-            "jobs": jobs, "device_slots": slots, "max_minutes": args.max_minutes,
+            "jobs": jobs, "device_slots": slots, "gpus": gpus, "max_minutes": args.max_minutes,
             "matmul_peak_tflops": peak, "prepare_s": prepare_s, "wall_from": "process start",
             "planned": [f"{s['grid']}/{s['label']}/s{s['seed']}" for s in specs],
             "ok": [], "failed": [], "skipped": [], "complete": False}
@@ -90,7 +99,8 @@ def run_part(args, regime: qg.Regime, grids: list[dict], *, device, peak: float,
         part["mps"] = mps
         save_part()
         if specs:
-            run_grid(quality_run, specs, common, jobs=jobs, slots=slots, deadline=deadline,
+            run_grid(quality_run, specs, common, jobs=jobs, slots=slots, gpus=gpus,
+                     deadline=deadline,
                      estimates=[g["estimates"][0] for g in grids],
                      ready_estimates=[g["estimates"][1] for g in grids], on_record=on_record)
     part["mps"] = mps

@@ -80,8 +80,10 @@ def test_another_budget_is_another_grid_and_the_guard_skips_runs(corpus, tmp_pat
 def test_bad_options_are_one_line_and_status_2(corpus, tmp_path, capsys):
     assert quality.main(args(corpus, tmp_path, "--variants", "bogus")) == 2
     assert quality.main(args(tmp_path / "missing.txt", tmp_path)) == 2
+    assert quality.main(args(corpus, tmp_path, "--gpus", "0,1", "--device", "cpu")) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and "bogus" in err[0] and "missing.txt" in err[1]
+    assert len(err) == 3 and "bogus" in err[0] and "missing.txt" in err[1]
+    assert "--gpus 0,1 with --device cpu: expected --device auto or cuda" in err[2]
 
 
 def test_the_regimes_are_well_formed():
