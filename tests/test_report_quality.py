@@ -156,14 +156,23 @@ assert not bad, bad
 
 
 @pytest.mark.parametrize("wall, skipped, status", [(200.0, [], "PASS"), (300.0, [], "MISS"),
-                                                   (200.0, [{"size": "tiny"}], "N/A")])
+                                                   (240.0, [{"size": "tiny"}], "MISS")])
 def test_the_char_grid_is_judged_on_a_whole_packed_sweep(wall, skipped, status):
+    # A grid the wall-time guard cut short did not regenerate in time: a miss, with its count.
     from bench.report.sections.sweeps import char_grid_criterion
     summary = {"sizes": ["tiny", "small", "medium"], "variants": [f"v{i}" for i in range(10)],
                "seeds": 3, "steps": 2000, "batch_size": 64, "seq_len": 256,
                "run_record": {"device_type": "cuda", "total_wall_s": wall, "jobs": 12,
-                              "device_slots": 6, "mps": {"running": True}, "skipped": skipped}}
+                              "device_slots": 6, "mps": {"running": True}, "skipped": skipped},
+               "runs": [{}] * (90 - len(skipped))}
     k = char_grid_criterion([(summary, Path("sweep/20261201-000000-grid/summary.json"))])
     assert k["status"] == status
+    if skipped:
+        assert k["measured"].startswith("89 of 90 runs in 240 s")
+        # A whole grid, even an older one, is judged before a cut one.
+        whole = {**summary, "run_record": {**summary["run_record"], "skipped": []}}
+        both = char_grid_criterion([(summary, Path("sweep/20261202-000000-cut/summary.json")),
+                                    (whole, Path("sweep/20261201-000000-whole/summary.json"))])
+        assert "20261201-000000-whole" in both["measured"]
     if status != "N/A":
         assert k["note"] == "jobs 12, device slots 6, MPS on"
