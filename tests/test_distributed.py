@@ -5,6 +5,7 @@ started by torchrun is a plain checkpoint that `sqt generate` reads."""
 
 import contextlib
 import dataclasses
+import gc
 import json
 import os
 import shutil
@@ -67,7 +68,11 @@ def _rank_main(rank, port, task, out, args):
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         task(rank, Path(out), *args)
+        dist.barrier()
     finally:
+        # What the task wrapped (DDP's reducer, FSDP's state) goes while the group is alive: torn
+        # down later, at interpreter exit, it can abort the process (std::terminate).
+        gc.collect()
         dist.destroy_process_group()
 
 

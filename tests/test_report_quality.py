@@ -3,6 +3,7 @@ folders are; mean ± std and Δ with the seed spread follow the numbers; failed 
 of every figure and listed; the GQA–MQA band reading; the criteria; "no runs yet" renders; and
 rendering imports neither torch nor sqt."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -152,7 +153,8 @@ assert not bad, bad
     done = subprocess.run([sys.executable, "-c", code, str(results)], cwd=ROOT, env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert (results / "docs" / "quality-dense-primary.png").exists() or "matplotlib" in done.stderr
+    if importlib.util.find_spec("matplotlib") is not None:   # without it, no figure is drawn
+        assert (results / "docs" / "quality-dense-primary.png").exists()
 
 
 @pytest.mark.parametrize("wall, skipped, status", [(200.0, [], "PASS"), (300.0, [], "MISS"),

@@ -6,6 +6,7 @@ rank the same view of the run. A process alone is the same interface with nothin
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import os
 import sys
@@ -317,4 +318,7 @@ def join_processes(device_setting: str, *, fsdp: bool = False) -> Iterator[Paral
                        backend=dist.get_backend(), sharded=fsdp)
     finally:
         if owned:
+            # The run's wrapped model (DDP's reducer, FSDP's state) goes while the group is alive:
+            # torn down later, at interpreter exit, it can abort the process (std::terminate).
+            gc.collect()
             dist.destroy_process_group()
