@@ -51,6 +51,7 @@ def run(tmp_path_factory):
     from sqt.data import load_text_file
     train(TINY_MODEL, TINY_TRAIN(root / "run"), load_text_file(corpus))
     (root / "empty.txt").write_text("")
+    (root / "tokens.bin").write_bytes(b"a\x00b\x00" * 64)   # token ids, not text
     return root
 
 
@@ -59,7 +60,8 @@ def p(x):
 
 
 # (where it enters, the input, the message must hold). Python entries take the input as their
-# argument; `cli train` / `cli generate` take extra argv ({root}: the fixture's folder).
+# argument; `cli train` / `cli generate` take extra argv, `cli` a whole one (on the CPU) ({root}:
+# the fixture's folder).
 ROWS = [
     # token ids, into the model
     ("forward", p([[1, VOCAB]]), "idx holds token id 11 at [0, 1]: expected ids in [0, 11)"),
@@ -175,6 +177,56 @@ ROWS = [
                                                                   "directory"),
     ("cli generate", ["{root}"], "is not a complete checkpoint: expected a run directory"),
     ("cli generate", ["{root}/nowhere"], "'{root}/nowhere' does not exist"),
+    ("cli train", ["--seed", str(2 ** 70)], "seed=1180591620717411303424: expected an integer in "
+                                            "[0, 2**63)"),
+    ("cli train", ["--query-seed", str(2 ** 50)], "query_seed=1125899906842624: expected an "
+                                                  "integer in [0, 2**44)"),
+    ("cli train", ["--data", ""], "data='': expected 'tinyshakespeare', a directory written by"),
+    ("cli train", ["--out-dir", ""], "out_dir='': expected a path or None"),
+    ("cli train", ["--data", "{root}/tokens.bin"], "'{root}/tokens.bin' holds NUL bytes: "
+                                                   "expected UTF-8 text"),
+    ("cli train", ["--config", "{root}"], "config file '{root}' is a directory: expected a TOML"),
+    ("cli", ["probe", "{root}/run", "--eval-batch-size", "0"], "eval_batch_size=0: expected an "
+                                                               "integer >= 1"),
+    ("cli", ["probe", "{root}/run", "--seq-len", "0"], "seq_len=0: expected None or an integer "
+                                                       ">= 2"),
+    ("cli", ["probe", "{root}/run", "--out", "{root}/corpus.txt"], "out='{root}/corpus.txt' is "
+                                                                   "a file: expected a directory"),
+    ("cli", ["convert", "{root}/run", "--to", "sqt", "--out", "{root}/cv", "--tokens", "0"],
+     "tokens=0: expected None or an integer >= 1"),
+    ("cli", ["convert", "{root}/run", "--to", "sqt", "--out", "{root}/cv", "--tokens", "64",
+             "--batch-size", "0"], "batch_size=0: expected None or an integer >= 1"),
+    ("cli", ["convert", "{root}/run", "--to", "sqt", "--out", "{root}/cv", "--eval-batch-size",
+             "0"], "eval_batch_size=0: expected an integer >= 1"),
+    ("cli", ["convert", "{root}/run", "--to", "sqt", "--out", "{root}/cv", "--eval-tokens", "1"],
+     "eval_tokens=1: expected an integer >= 2"),
+    ("cli", ["convert", "{root}/run", "--to", "sqt", "--out", "{root}/corpus.txt"],
+     "--out '{root}/corpus.txt' is a file: expected a new directory"),
+    # a Hugging Face directory to import: config.json edited, the weights as exported
+    ("hf config", {"num_attention_heads": 0, "head_dim": None}, "config.json "
+                                                                "num_attention_heads=0: expected "
+                                                                "an integer >= 1"),
+    ("hf config", {"hidden_size": [16]}, "config.json hidden_size=[16]: expected an integer >= 1"),
+    ("hf config", {"num_hidden_layers": "two"}, "num_hidden_layers='two': expected an integer"),
+    ("hf config", {"rms_norm_eps": "tiny"}, "rms_norm_eps='tiny': expected a finite number >= 0"),
+    ("hf config", {"rope_theta": None, "rope_parameters": None}, "rope_theta=None: expected a "
+                                                                 "finite number > 0"),
+    ("hf config", {"tie_word_embeddings": "no"}, "tie_word_embeddings='no': expected true or "
+                                                 "false"),
+    ("hf config", {"hidden_size": 8, "head_dim": 4}, "the weights do not match config.json: "
+                                                     "model.embed_tokens.weight is (12, 16) but "
+                                                     "config.json makes it (12, 8)"),
+    ("hf config", "[1, 2]", "holds list: expected a JSON object"),
+    ("export_hf", "corpus.txt", "is a file: expected a new or empty directory"),
+    # the Python API's other entries, given the wrong kind of thing
+    ("from_pretrained path", 5, "path=5: expected the path of a run, checkpoint or model"),
+    ("generate model", "m", "model is a str: expected an sqt TransformerLM"),
+    ("engine model", "m", "model is a str: expected an sqt TransformerLM"),
+    ("train args", {"steps": 2}, "cfg is a dict: expected a TrainConfig"),
+    ("mean_loss", 0, "batch_size=0: expected an integer >= 1"),
+    ("load_dataset", 5, "data=5: expected 'tinyshakespeare'"),
+    ("TrainConfig", dict(seed=2 ** 63), "seed=9223372036854775808: expected an integer in [0, "),
+    ("LMConfig", dict(query_seed=2 ** 44), "query_seed=17592186044416: expected an integer in"),
 ]
 
 
@@ -209,8 +261,49 @@ def _without(run_root: Path, key: str) -> Path:
     return out
 
 
+def _edited_hf_dir(root: Path, edit) -> Path:
+    """A Hugging Face export of a tiny modern model, its config.json edited (the sqt block
+    dropped: the import reads the HF fields alone)."""
+    from sqt.hf import export_hf
+    directory = root / "hf"
+    shutil.rmtree(directory, ignore_errors=True)
+    modern = dataclasses.replace(TINY_MODEL, block="modern")
+    export_hf(TransformerLM(modern), directory)
+    path = directory / "config.json"
+    if isinstance(edit, dict):
+        doc = json.loads(path.read_text())
+        doc.pop("sqt", None)
+        doc.update(edit)
+        path.write_text(json.dumps(doc))
+    else:
+        path.write_text(edit)
+    return directory
+
+
 def enter(where: str, value, model, root: Path):
     prompt = p([[1, 2]])
+    if where == "hf config":
+        from sqt.hf import import_hf
+        return import_hf(_edited_hf_dir(root, value))
+    if where == "export_hf":
+        from sqt.hf import export_hf
+        return export_hf(TransformerLM(dataclasses.replace(TINY_MODEL, block="modern")),
+                         root / value)
+    if where == "from_pretrained path":
+        return TransformerLM.from_pretrained(value)
+    if where == "generate model":
+        return generate(value, prompt, 3)
+    if where == "engine model":
+        return DecodeEngine(value, 1, 8)
+    if where == "train args":
+        from sqt.data import load_text_file
+        return train(TINY_MODEL, value, load_text_file(root / "corpus.txt"))
+    if where == "mean_loss":
+        from sqt.probe import mean_loss
+        return mean_loss(model, torch.zeros(2, 5, dtype=torch.long), batch_size=value)
+    if where == "load_dataset":
+        from sqt.data import load_dataset
+        return load_dataset(value)
     if where == "forward":
         return model(value)
     if where == "cache":
@@ -262,7 +355,8 @@ def test_bad_input_is_one_clear_error(where, value, fragment, model, run, capsys
     fragment = fragment.replace("{root}", str(run))
     if where.startswith("cli"):
         argv = TRAIN + value + ([] if "--data" in value else ["--data", "{root}/corpus.txt"]) \
-            if where == "cli train" else GENERATE + value
+            if where == "cli train" else GENERATE + value if where == "cli generate" else \
+            value + ["--device", "cpu"]
         code = main([a.replace("{root}", str(run)) for a in argv])
         out, err = capsys.readouterr()
         assert code == 2, err

@@ -118,7 +118,8 @@ def resolve_train(args):
     from .runconfig import DEFAULT_DATA, DEFAULT_PRESET, merge_settings, read_run_file, recipe
     file = read_run_file(args.config) if args.config else {"settings": {}}
     preset_name = _given(args.preset) or file.get("preset") or DEFAULT_PRESET
-    data_spec = _given(args.data) or file.get("data") or DEFAULT_DATA
+    data_spec = next((d for d in (_given(args.data), file.get("data")) if d is not None),
+                     DEFAULT_DATA)   # an empty --data is refused, not read as "not given"
     # The seam for prepared token datasets: load_dataset turns the spec into a dataset.
     dataset = load_dataset(data_spec)
     settings = merge_settings({"vocab_size": dataset.tokenizer.vocab_size}, file["settings"],

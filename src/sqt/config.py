@@ -116,6 +116,8 @@ class LMConfig:
                 raise ValueError(f"layers has {len(self.layers)} entries but n_layers="
                                  f"{self.n_layers}: give one variant, or one per layer")
         check_int("query_seed", self.query_seed, minimum=0)
+        if self.query_seed >= 2 ** 44:   # 1_000_003 * query_seed + layer seeds a torch generator
+            raise ValueError(f"query_seed={self.query_seed}: expected an integer in [0, 2**44)")
         for i, spec in enumerate(self.layer_specs()):  # every spec against n_heads, now
             check_query_width(spec, self.d_model, self.head_dim, where=f"layer {i}: ")
         self._check_moe()

@@ -229,10 +229,19 @@ def convert_run(run, out, to, *, layers=None, method: str = "first", data=None,
 
     from .checkpoint import load_model, load_run_tokenizer, save_model
     from .probe import mean_loss
-    from .rundata import CORPUS_SEED, default_seq_len, open_data, token_windows
+    from .rundata import CORPUS_SEED, check_count, default_seq_len, open_data, token_windows
     from .train import train
     from .utils import atomic_write_json
+    for name, value, minimum, optional in (
+            ("seq_len", seq_len, 2, True), ("eval_batch_size", eval_batch_size, 1, False),
+            ("corpus_tokens", corpus_tokens, 2, False), ("tokens", tokens, 1, True),
+            ("batch_size", train_overrides.get("batch_size"), 1, True)):
+        check_count(name, value, minimum, optional=optional)
+    if eval_tokens != 0:
+        check_count("eval_tokens", eval_tokens, 2)   # 0 skips the scoring
     out = Path(out)
+    if out.is_file():
+        raise ValueError(f"--out {str(out)!r} is a file: expected a new directory")
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"--out {str(out)!r} is not empty: convert into a new directory")
     model, meta = load_model(run, device)

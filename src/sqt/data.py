@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import zlib
 from dataclasses import dataclass
 from importlib import resources
@@ -119,8 +120,9 @@ def load_text_file(path, val_fraction: float = 0.1) -> TextDataset:
     its document boundaries)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"text file {str(path)!r} does not exist: expected a UTF-8 text "
-                                "file (plain or .gz)")
+        raise FileNotFoundError(f"text file {str(path)!r} "
+                                f"{'is a directory' if path.is_dir() else 'does not exist'}: "
+                                "expected a UTF-8 text file (plain or .gz)")
     raw = path.read_bytes()
     try:
         if path.suffix == ".gz":
@@ -131,12 +133,18 @@ def load_text_file(path, val_fraction: float = 0.1) -> TextDataset:
                          f"({type(e).__name__}: {e})") from None
     if not text:
         raise ValueError(f"text file {str(path)!r} is empty: expected UTF-8 text to train on")
+    if "\x00" in text:   # valid UTF-8, but token ids or other binary data, not text
+        raise ValueError(f"text file {str(path)!r} holds NUL bytes: expected UTF-8 text (a "
+                         "prepared dataset is given as its directory)")
     return dataset_from_text(text, path.name, val_fraction)
 
 
 def load_dataset(name_or_path: str = "tinyshakespeare", val_fraction: float = 0.1):
     """`tinyshakespeare` (bundled), a directory written by `prepare`, or a path to a text file
     (character-level, split 1 - val_fraction / val_fraction)."""
+    if not isinstance(name_or_path, (str, os.PathLike)) or str(name_or_path) == "":
+        raise ValueError(f"data={name_or_path!r}: expected 'tinyshakespeare', a directory written "
+                         "by `sqt prepare` or the path of a UTF-8 text file")
     if name_or_path == "tinyshakespeare":
         return load_tinyshakespeare(val_fraction)
     if Path(name_or_path).is_dir():

@@ -27,7 +27,7 @@ import torch
 
 from .generate import apply_stop, check_generation, sample_next
 from .model import TransformerLM
-from .utils import check_token_id_tensor
+from .utils import check_model, check_token_id_tensor
 
 
 class DecodeEngine:
@@ -46,6 +46,7 @@ class DecodeEngine:
                  use_graphs: Optional[bool] = None, bucket: int = 256, compile: bool = False):
         if isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 1:
             raise ValueError(f"bucket={bucket!r}: expected an integer >= 1")
+        check_model(model)
         # Refuses a max_len beyond what the model can read: decode steps cannot check on the host.
         self.cache = model.new_cache(batch_size, max_len)
         self.model = model.eval()

@@ -10,7 +10,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from .utils import check_token_ids
+from .utils import check_model, check_token_ids
 
 
 def _number(v) -> bool:
@@ -40,6 +40,7 @@ def check_generation(model, idx, max_new_tokens: int, *, limit: Optional[int],
     """Every argument of a generation call, where it enters (no later step checks anything):
     the prompt (`check_prompt`, its ids within the vocabulary, on the model's device), the
     sampling settings, the stop token and the generator."""
+    check_model(model)
     vocab = model.config.vocab_size
     check_prompt(idx, max_new_tokens, limit, limit_name=limit_name)
     check_token_ids(idx, vocab, name="prompt")
@@ -126,6 +127,7 @@ def stream(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: float 
            generator: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
     """Yield the next token ids (B,) one step at a time. A sequence that has produced
     `stop_token` keeps producing it; the iterator ends when every sequence has stopped."""
+    check_model(model)
     check_generation(model, idx, max_new_tokens, limit=model.max_positions,
                      temperature=temperature, top_k=top_k, top_p=top_p, stop_token=stop_token,
                      generator=generator)

@@ -198,11 +198,16 @@ def export_hf(model: TransformerLM, out_dir, *, tokenizer_json=None, pad_mixed: 
         raise ValueError(f"model has parameters the Hugging Face export does not map: "
                          f"{sorted(state)}")
     out = Path(out_dir)
+    if out.is_file():
+        raise ValueError(f"out_dir={str(out)!r} is a file: expected a new or empty directory")
     stray = sorted(p.name for p in out.iterdir() if p.name not in WRITTEN) if out.is_dir() else []
     if stray:
         raise ValueError(f"out_dir={str(out)!r} holds other files ({', '.join(stray[:5])}); "
                          "export into an empty or new directory")
     out.mkdir(parents=True, exist_ok=True)
+    # An earlier export's config.json goes first: until the new one is written last, the
+    # directory reads as incomplete, never as the old config over the new weights.
+    (out / "config.json").unlink(missing_ok=True)
     atomic_write_bytes(out / "model.safetensors", st_save(
         {k: v.to(dtype).contiguous() for k, v in tensors.items()}, metadata={"format": "pt"}))
     atomic_write_json(out / "generation_config.json", {

@@ -4,6 +4,7 @@ and the checks that refuse, with a reason, what an sqt model cannot express."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -56,6 +57,9 @@ def read_hf_dir(hf_dir) -> tuple[dict, dict, Optional[str]]:
         hc = json.loads((d / "config.json").read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{str(d / 'config.json')!r} is not valid JSON ({e})") from None
+    if not isinstance(hc, dict):
+        raise ValueError(f"{str(d / 'config.json')!r} holds {type(hc).__name__}: expected a JSON "
+                         "object (a Hugging Face model config)")
     tok = d / "tokenizer.json"
     return hc, _load_weights(d), tok.read_text(encoding="utf-8") if tok.is_file() else None
 
@@ -65,6 +69,42 @@ def _need(hc: dict, key: str):
         raise ValueError(f"config.json has no {key!r}: expected a complete "
                          f"{hc.get('model_type')} config")
     return hc[key]
+
+
+def _int(key: str, value) -> int:
+    """A config.json size: an integer >= 1 (a whole float such as 128.0 is taken as one)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"config.json {key}={value!r}: expected an integer >= 1")
+    return value
+
+
+def _float(key: str, value, *, positive: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not (0 <= value < math.inf) or (positive and value == 0):
+        raise ValueError(f"config.json {key}={value!r}: expected a finite number "
+                         f"{'> 0' if positive else '>= 0'}")
+    return float(value)
+
+
+def _check_shapes(hf: dict, *, vocab: int, d: int, n_q: int, n_kv: int, hd: int, ff: int,
+                  n_layers: int) -> None:
+    """Refuse weights whose shapes are not the ones config.json describes."""
+    want = {"model.embed_tokens.weight": (vocab, d), "lm_head.weight": (vocab, d),
+            "model.norm.weight": (d,)}
+    layer = {"self_attn.q_proj.weight": (n_q * hd, d), "self_attn.k_proj.weight": (n_kv * hd, d),
+             "self_attn.v_proj.weight": (n_kv * hd, d), "self_attn.o_proj.weight": (d, n_q * hd),
+             "self_attn.q_proj.bias": (n_q * hd,), "self_attn.k_proj.bias": (n_kv * hd,),
+             "self_attn.v_proj.bias": (n_kv * hd,), "mlp.gate_proj.weight": (ff, d),
+             "mlp.up_proj.weight": (ff, d), "mlp.down_proj.weight": (d, ff),
+             "input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,)}
+    want.update({f"model.layers.{i}.{k}": v for i in range(n_layers) for k, v in layer.items()})
+    wrong = [f"{k} is {tuple(hf[k].shape)} but config.json makes it {v}"
+             for k, v in want.items() if k in hf and tuple(hf[k].shape) != v]
+    if wrong:
+        raise ValueError(f"the weights do not match config.json: {'; '.join(wrong[:3])}"
+                         + (f" ({len(wrong)} tensors differ)" if len(wrong) > 3 else ""))
 
 
 def _rope_base(hc: dict) -> float:
@@ -78,7 +118,8 @@ def _rope_base(hc: dict) -> float:
     partial = rope.get("partial_rotary_factor", hc.get("partial_rotary_factor", 1.0))
     if partial != 1.0:
         raise ValueError(f"partial_rotary_factor={partial!r}: sqt rotates the whole head")
-    return float(rope.get("rope_theta", hc.get("rope_theta", 10000.0)))
+    return _float("rope_theta", rope.get("rope_theta", hc.get("rope_theta", 10000.0)),
+                  positive=True)
 
 
 def _windows(hc: dict, n_layers: int) -> list[Optional[int]]:
@@ -137,24 +178,30 @@ def plain_config(hc: dict, hf: dict) -> tuple[LMConfig, tuple[int, int]]:
     act = hc.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise ValueError(f"hidden_act={act!r}: sqt's SwiGLU uses silu")
-    d, n_q = int(_need(hc, "hidden_size")), int(_need(hc, "num_attention_heads"))
-    n_kv = int(hc.get("num_key_value_heads") or n_q)
-    head_dim = int(hc.get("head_dim") or d // n_q)
+    d = _int("hidden_size", _need(hc, "hidden_size"))
+    n_q = _int("num_attention_heads", _need(hc, "num_attention_heads"))
+    n_kv = _int("num_key_value_heads", hc.get("num_key_value_heads") or n_q)
+    head_dim = _int("head_dim", hc.get("head_dim") or d // n_q)
     if d % head_dim or head_dim % 2:
         raise ValueError(f"head_dim={head_dim} with hidden_size={d}: sqt needs an even head_dim "
                          "that divides d_model (head_dim = d_model / n_heads)")
     if n_q % n_kv:
         raise ValueError(f"num_attention_heads={n_q}, num_key_value_heads={n_kv}: expected the "
                          "query heads to be a multiple of the K/V heads")
-    n_layers = int(_need(hc, "num_hidden_layers"))
-    tied = bool(hc.get("tie_word_embeddings", False))
+    n_layers = _int("num_hidden_layers", _need(hc, "num_hidden_layers"))
+    vocab, ff = _int("vocab_size", _need(hc, "vocab_size")), _int(
+        "intermediate_size", _need(hc, "intermediate_size"))
+    tied = hc.get("tie_word_embeddings", False)
+    if not isinstance(tied, bool):
+        raise ValueError(f"config.json tie_word_embeddings={tied!r}: expected true or false")
     queries = _check_tensors(hf, n_layers, tied)
+    _check_shapes(hf, vocab=vocab, d=d, n_q=n_q, n_kv=n_kv, hd=head_dim, ff=ff, n_layers=n_layers)
     specs = [LayerSpec(n_q, n_kv, q, w) for q, w in zip(queries, _windows(hc, n_layers))]
-    cfg = LMConfig(vocab_size=int(_need(hc, "vocab_size")), d_model=d, n_heads=d // head_dim,
-                   n_layers=n_layers, d_ff=int(_need(hc, "intermediate_size")),
-                   max_seq_len=int(hc.get("max_position_embeddings", 2048)), block="modern",
-                   tie_embeddings=tied, rope_base=_rope_base(hc),
-                   norm_eps=float(hc.get("rms_norm_eps", 1e-6)),
+    cfg = LMConfig(vocab_size=vocab, d_model=d, n_heads=d // head_dim, n_layers=n_layers,
+                   d_ff=ff, max_seq_len=_int("max_position_embeddings",
+                                             hc.get("max_position_embeddings", 2048)),
+                   block="modern", tie_embeddings=tied, rope_base=_rope_base(hc),
+                   norm_eps=_float("rms_norm_eps", hc.get("rms_norm_eps", 1e-6), positive=False),
                    layers=tuple(s.name for s in specs))
     for name, t in hf.items():
         if not t.is_floating_point():

@@ -6,6 +6,7 @@ garbled or mismatched directory into one clear error."""
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Mapping, Optional
@@ -71,6 +72,9 @@ def find_model_dir(path) -> Path:
     """The model directory to read at `path`: a run directory's checkpoint (or the previous one
     a killed save kept aside), a checkpoint or model directory, or an older run whose files stand
     at its top."""
+    if not isinstance(path, (str, os.PathLike)) or str(path) == "":
+        raise CheckpointError(f"path={path!r}: expected the path of a run, checkpoint or model "
+                              "directory")
     p = Path(path)
     if not p.exists():
         kept = settled(p)   # a checkpoint directory named directly, mid-swap

@@ -155,8 +155,9 @@ def prepare(corpus, tokenizer, out_dir, *, val_fraction: float = 0.01, min_frequ
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     corpus, out_dir = Path(corpus), Path(out_dir)
     if not corpus.is_file():
-        raise FileNotFoundError(f"corpus {str(corpus)!r} does not exist: expected a UTF-8 text "
-                                "file (plain or .gz)")
+        raise FileNotFoundError(f"corpus {str(corpus)!r} "
+                                f"{'is a directory' if corpus.is_dir() else 'does not exist'}: "
+                                "expected a UTF-8 text file (plain or .gz)")
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) \
             or not 0 < val_fraction <= 0.5:
         raise ValueError(f"val_fraction={val_fraction!r}: expected a number in (0, 0.5]")

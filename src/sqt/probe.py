@@ -169,6 +169,11 @@ def check_windows(model, token_windows: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def mean_loss(model, token_windows: torch.Tensor, *, batch_size: int = 16) -> float:
     """Mean next-token cross-entropy (nats/token) over the windows, in eval mode."""
+    if not isinstance(token_windows, torch.Tensor):
+        raise ValueError(f"token_windows is a {type(token_windows).__name__}: expected an "
+                         "integer tensor (windows, seq_len + 1)")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}: expected an integer >= 1")
     device, total, was = _device(model), 0.0, model.training
     model.eval()
     for w in token_windows.split(batch_size):

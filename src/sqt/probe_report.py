@@ -93,7 +93,11 @@ def probe_run(run, *, data=None, tokens: int = 32768, seq_len=None, batch_size: 
     run directory). Returns (report, {kind: path or reason})."""
     from .checkpoint import load_model
     from .probe import query_probe
-    from .rundata import default_seq_len, open_data, token_windows
+    from .rundata import check_count, default_seq_len, open_data, token_windows
+    check_count("seq_len", seq_len, 2, optional=True)
+    check_count("eval_batch_size", batch_size, 1)
+    if out is not None and Path(out).is_file():
+        raise ValueError(f"out={str(out)!r} is a file: expected a directory for the probe's files")
     model, meta = load_model(run, device)
     spec, dataset = open_data(run, meta, model, data)
     seq_len = seq_len or default_seq_len(model, meta)

@@ -77,6 +77,16 @@ def check_resumable(saved: dict, model_cfg: LMConfig, cfg: TrainConfig, path: Pa
             + ", ".join(f"{k} (checkpoint {old.get(k)!r}, now {getattr(cfg, k)!r})" for k in diff))
 
 
+def check_arguments(model_cfg, cfg, dataset) -> None:
+    """A ValueError unless train's arguments are an LMConfig, a TrainConfig and a dataset."""
+    for name, value, cls in (("model_cfg", model_cfg, LMConfig), ("cfg", cfg, TrainConfig)):
+        if not isinstance(value, cls):
+            raise ValueError(f"{name} is a {type(value).__name__}: expected a {cls.__name__}")
+    if not all(hasattr(dataset, k) for k in ("tokenizer", "train", "val")):
+        raise ValueError(f"dataset is a {type(dataset).__name__}: expected a dataset with "
+                         "tokenizer, train and val (sqt.data.load_dataset)")
+
+
 def check_run(model_cfg: LMConfig, cfg: TrainConfig, dataset, *, resume: bool = False,
               world_size: int = 1, directory: bool = True) -> None:
     """What `train` refuses before it starts, checked without reading the data or writing
@@ -84,6 +94,7 @@ def check_run(model_cfg: LMConfig, cfg: TrainConfig, dataset, *, resume: bool = 
     before it prints anything: settings that do not fit the data or the device, a run directory
     that is not to be replaced, a checkpoint of another run to resume. `world_size`: processes
     that share each batch; `directory` False: leave the run directory to rank 0."""
+    check_arguments(model_cfg, cfg, dataset)
     if model_cfg.vocab_size != dataset.tokenizer.vocab_size:
         raise ValueError(f"vocab_size={model_cfg.vocab_size} but the dataset's tokenizer has "
                          f"{dataset.tokenizer.vocab_size} symbols; set vocab_size to match")

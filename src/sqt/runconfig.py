@@ -140,8 +140,11 @@ class TrainConfig:
                 raise ValueError(f"{name}={v!r}: expected True or False"
                                  + (" or None" if optional else ""))
         check_compile_mode(self.compile_mode)
-        if self.out_dir is not None and not isinstance(self.out_dir, (str, os.PathLike)):
+        if self.out_dir is not None and (not isinstance(self.out_dir, (str, os.PathLike))
+                                         or str(self.out_dir) == ""):
             raise ValueError(f"out_dir={self.out_dir!r}: expected a path or None")
+        if self.seed >= 2 ** 63:
+            raise ValueError(f"seed={self.seed}: expected an integer in [0, 2**63)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -265,7 +268,9 @@ def read_run_file(path) -> dict:
     out), every key and type checked."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file {str(path)!r} does not exist: expected a TOML file")
+        raise FileNotFoundError(f"config file {str(path)!r} "
+                                f"{'is a directory' if path.is_dir() else 'does not exist'}: "
+                                "expected a TOML file")
     try:
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:

@@ -18,6 +18,15 @@ CORPUS_SEED = EVAL_SEED + 1
 validation ones a conversion is then scored on."""
 
 
+def check_count(name: str, value, minimum: int, *, optional: bool = False) -> None:
+    """A ValueError unless `value` is an integer >= `minimum` (or None, when `optional`)."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r}: expected {'None or ' if optional else ''}an integer "
+                         f">= {minimum}")
+
+
 def recorded_data(run, meta: dict) -> str:
     """The data spec a run was trained on: what a conversion recorded, its config.toml's `data`,
     else the prepared directory or bundled corpus its checkpoint describes. A ValueError when it

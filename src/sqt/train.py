@@ -27,8 +27,8 @@ from .model import TransformerLM
 from .moe import cuda_graph_blocker
 from .optim import lr_at, make_optimizer, set_lr
 from .progress import Reporter
-from .resume import (check_directory, check_run, curves_bytes, finished, initial_weights,
-                     restore)
+from .resume import (check_arguments, check_directory, check_run, curves_bytes, finished,
+                     initial_weights, restore)
 from .runconfig import TrainConfig
 from .utils import check_split_ids, peak_for, run_record
 from .windows import fixed_windows, make_feed
@@ -65,6 +65,7 @@ def train(model_cfg: LMConfig, cfg: TrainConfig, dataset, *, resume: bool = Fals
     Under torchrun every process calls this (sqt.distributed: DDP, or FSDP2 with `cfg.fsdp`):
     each trains on its share of every batch, rank 0 alone writes the run directory, and every
     rank returns the same record."""
+    check_arguments(model_cfg, cfg, dataset)
     with join_processes(cfg.device, fsdp=cfg.fsdp) as parallel:
         check_run(model_cfg, cfg, dataset, resume=resume, world_size=parallel.world_size,
                   directory=False)
