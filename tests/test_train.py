@@ -268,6 +268,7 @@ def test_mfu_needs_a_known_peak(data):
     assert known_peak_tflops("Some Future GPU", torch.bfloat16) is None
     unknown = train(MODEL, cfg(steps=12, eval_every=12), data)     # on the CPU: no table entry
     assert unknown["mfu"] is None and unknown["peak_source"] is None
+    assert "peak_memory_bytes" in unknown and unknown["peak_memory_bytes"] is None   # CUDA only
     measured = train(MODEL, cfg(steps=12, eval_every=12), data, peak_tflops=0.5)
     assert measured["mfu"] == pytest.approx(measured["achieved_tflops"] / 0.5)
     assert measured["tokens_per_s"] == pytest.approx(4 * 32 / (measured["ms_per_step"] * 1e-3))

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .notes import run_notes, with_file_notes
-from .sections import (decode, hparam_probes, layer_sweep, quality, query, sweep_glance,
-                       sweeps, throughput)
+from .sections import (decode, hparam_probes, layer_sweep, quality, query, scaling,
+                       sweep_glance, sweeps, throughput)
 from .sources import sweep_summaries
 
 # The document, top to bottom. A new section: one module under sections/ and one entry here.
@@ -23,6 +23,7 @@ SECTIONS: list[Callable[["Context"], Optional[str]]] = [
     throughput.section,        # long-sequence throughput: criteria, newest cells, every run
     decode.section,            # decode: engine vs eager loop vs Hugging Face
     query.section,             # what the query buys: probe, conversions, controls
+    scaling.section,           # training on several GPUs: DDP scaling, FSDP2 memory
 ]
 
 NO_RESULTS = ("No results yet: run `python -m bench.sweep` and `python -m bench.layer_sweep` "

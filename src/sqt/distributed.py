@@ -143,6 +143,12 @@ class Parallel:
             dist.all_reduce(tensor)
         return tensor
 
+    def max_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` replaced, on every rank, by its maximum over the ranks."""
+        if self.backend is not None:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
     def mean_(self, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor` replaced, on every rank, by its mean over the ranks."""
         if self.backend is not None:

@@ -327,6 +327,7 @@ def _train(model_cfg, cfg, dataset, *, run: Optional[RunDirectory], parallel: Pa
     check_finite()
     timing = {"wall_s": time.perf_counter() - t_start, "timed_s": timed_s,
               "timed_steps": timed_steps}
+    info["peak_memory_bytes"] = _peak_memory(device, parallel)
     result = _result(model, cfg, budget, dataset, info, curves, best, label, timing=timing)
     if source is not None:
         save(result)
@@ -334,6 +335,15 @@ def _train(model_cfg, cfg, dataset, *, run: Optional[RunDirectory], parallel: Pa
         run.write("result.json", (json.dumps(result, indent=2) + "\n").encode())
     model.check_ids = True
     return {**result, "model": model}
+
+
+def _peak_memory(device: torch.device, parallel: Parallel) -> Optional[int]:
+    """The most memory this run's tensors held at once on one device (bytes): CUDA's
+    max_memory_allocated since the process started, the largest over the ranks; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    peak = torch.tensor(float(torch.cuda.max_memory_allocated(device)), device=device)
+    return int(parallel.max_(peak).item())
 
 
 def _result(model, cfg, budget, dataset, info: dict, curves, best, label, *,
@@ -370,5 +380,6 @@ def _result(model, cfg, budget, dataset, info: dict, curves, best, label, *,
         "train_flops_per_step": flops, "achieved_tflops": achieved,
         "peak_tflops": peak, "peak_source": info["peak_source"],
         "mfu": achieved / (peak * info["world_size"]) if achieved and peak else None,
+        "peak_memory_bytes": info.get("peak_memory_bytes"),     # per device, max over ranks
         "run_record": run_record(info["device"]),
     }
