@@ -121,7 +121,9 @@ def plan(args) -> list[dict]:
     for run in runs:
         run["out_dir"] = str(folder / "runs" / run["name"])
         extra = (["--device", args.device] if args.device else []) + shlex.split(args.train_args)
-        run["command"] = ["torchrun", "--standalone", "--nproc_per_node", str(run["world_size"]),
+        # torchrun as a module of this interpreter: the same environment, whatever PATH holds.
+        run["command"] = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node", str(run["world_size"]),
                           "-m", "sqt", "train", *run["train"], *extra, "--no-progress",
                           "--out-dir", run["out_dir"], "--overwrite"]
     return runs

@@ -33,8 +33,8 @@ def test_dry_run_prints_one_torchrun_per_run_with_the_same_global_batch(capsys):
     assert [flag(c, "--nproc_per_node") for c in commands] == ["1", "2", "4"] * 2
     assert {flag(c, "--batch-size") for c in commands} == {"64"}
     assert {flag(c, "--steps") for c in commands} == {"30"}
-    assert all(c[:2] == ["torchrun", "--standalone"] and c[4:7] == ["-m", "sqt", "train"]
-               for c in commands)
+    assert all(c[1:4] == ["-m", "torch.distributed.run", "--standalone"]
+               and c[6:9] == ["-m", "sqt", "train"] for c in commands)
     assert flag(commands[5], "--out-dir").endswith("runs/xsqa-w4")
     assert scaling.child_env()["NCCL_NVLS_ENABLE"] == "0"
 
