@@ -98,6 +98,8 @@ def _train(model_cfg, cfg, dataset, *, run: Optional[RunDirectory], parallel: Pa
     cfg = cfg.resolve(n_train)
     device, main = parallel.device, parallel.is_main
     cuda = device.type == "cuda"
+    if cuda:   # the run's own peak, not that of what this process ran before (a grid's worker)
+        torch.cuda.reset_peak_memory_stats(device)
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -339,7 +341,7 @@ def _train(model_cfg, cfg, dataset, *, run: Optional[RunDirectory], parallel: Pa
 
 def _peak_memory(device: torch.device, parallel: Parallel) -> Optional[int]:
     """The most memory this run's tensors held at once on one device (bytes): CUDA's
-    max_memory_allocated since the process started, the largest over the ranks; None off CUDA."""
+    max_memory_allocated since the run started, the largest over the ranks; None off CUDA."""
     if device.type != "cuda":
         return None
     peak = torch.tensor(float(torch.cuda.max_memory_allocated(device)), device=device)
