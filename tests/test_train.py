@@ -315,3 +315,11 @@ def test_a_sweep_records_failed_runs_and_goes_on(tmp_path, capsys, monkeypatch):
         ("xsqa", "non-finite loss", 3), ("gqa", "out of memory", None)}
     assert "### Failed runs" in printed and "| tiny | gqa | 0 | out of memory |" in printed
     assert "became nan at step 3" in printed
+
+
+def test_a_warmup_as_long_as_the_run_is_named(data, capsys):
+    train(MODEL, cfg(steps=3, warmup=10, eval_every=3, log=False), data)
+    err = capsys.readouterr().err
+    assert "warmup=10 >= steps=3" in err and "never reaches its peak lr=0.003" in err
+    train(MODEL, cfg(steps=3, warmup=2, eval_every=3, log=False), data)
+    assert "warmup" not in capsys.readouterr().err

@@ -111,6 +111,9 @@ def _train(model_cfg, cfg, dataset, *, run: Optional[RunDirectory], parallel: Pa
     if blocker and main:
         print(f"note: no CUDA graph for this run ({blocker}); each step runs uncaptured",
               file=sys.stderr)
+    if main and cfg.warmup >= cfg.steps > 1:
+        print(f"note: warmup={cfg.warmup} >= steps={cfg.steps}: the learning rate rises for the "
+              f"whole run and never reaches its peak lr={cfg.lr:g}", file=sys.stderr)
     use_graph = use_graph and not blocker
     if parallel.backend is not None and main:
         print(f"sqt: {parallel.world_size} processes, {parallel.mode.upper()} over "
