@@ -35,6 +35,8 @@ def static_summary(seeds: list[dict]) -> dict:
     layers = [{"layer": i,
                "q_share": mean_std([s["probe"]["layers"][i]["q_share_layer"] for s in seeds]),
                "k_share": mean_std([s["probe"]["layers"][i]["k_share_layer"] for s in seeds]),
+               "q_share_rotated": mean_std([s["probe"]["layers"][i].get("q_share_rotated_layer")
+                                            for s in seeds]),
                "delta_loss": mean_std([s["probe"]["layers"][i]["delta_loss"] for s in seeds])}
               for i in range(n)]
     return {"n_layers": n, "finetune_steps": seeds[0]["static"]["finetune_steps"],

@@ -36,6 +36,10 @@ def test_every_experiment_is_in_the_summary(tiny_run):
     assert len(list((path.parent / "runs").glob("*.json"))) == 4
     # Static: k = 1 .. n_layers, and k = n_layers is every layer whichever end it starts from.
     rows = s["static"]["rows"]
+    # The probe's shares per layer, before and after RoPE, each in [0, 1].
+    for layer in s["static"]["layers"]:
+        for key in ("q_share", "q_share_rotated", "k_share"):
+            assert layer[key]["n"] == 1 and 0.0 <= layer[key]["mean"] <= 1.0
     assert [r["k"] for r in rows] == [1, 2] and rows[-1]["most"]["layers"] == [[0, 1]]
     assert rows[-1]["least_minus_most_after"]["mean"] == 0.0
     # Uptrain: one row per (target, method), each fraction paired with its scratch run.

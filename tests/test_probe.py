@@ -43,6 +43,25 @@ def test_queries_that_are_a_function_of_position_have_share_one():
         assert layer["delta_loss"] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_rope_makes_a_shared_query_direction_positional_after_rotation():
+    # Every token's embedding is one common vector plus a little noise: before RoPE the query
+    # barely varies with position (share ~0); after it, that common part turns with t.
+    model = build("modern", "idq")
+    with torch.no_grad():
+        common = torch.randn(model.tok_emb.weight.shape[1], generator=torch.Generator()
+                             .manual_seed(0))
+        model.tok_emb.weight.copy_(common + 0.05 * torch.randn_like(model.tok_emb.weight))
+    layer0 = query_probe(model, windows(128), ablate=False)["layers"][0]
+    assert layer0["q_share_layer"] < 0.02 and layer0["q_share_rotated_layer"] > 0.5
+    assert all(0.0 <= x <= 1.0 for x in layer0["q_share_rotated"])
+
+
+def test_without_rope_the_rotated_share_is_the_share():
+    for layer in query_probe(build("classic", ("sqt", "mha")), windows(), ablate=False)["layers"]:
+        assert layer["q_share_rotated"] == layer["q_share"]
+        assert layer["q_share_rotated_layer"] == layer["q_share_layer"]
+
+
 def test_a_static_rotary_query_counts_as_positional():
     layer = query_probe(build("modern", "srq"), windows(8))["layers"][0]
     assert layer["q_share"] == pytest.approx([1.0] * 8, abs=1e-9)

@@ -18,6 +18,10 @@ Definitions (what `query_probe` measures, on N windows of T tokens, every window
   counts as positional (share 1): a constant is a function of position, and replacing it by its
   positional mean changes nothing. A static table row has no within-position variance: share 1.
 - The layer's share pools its heads: summed between-position variance over summed total.
+- The rotated share is the same for the query after RoPE (the query the attention op scores with;
+  equal to the share where the layer has no RoPE). Before RoPE, a RoPE model's queries carry
+  almost no position (position enters through the rotation), so their share is ~0; a mean query
+  that RoPE rotates is positional afterwards. A static table replaces the query before RoPE.
 - Δ loss of a layer: the mean next-token loss (nats/token) on the windows with that layer's
   queries replaced by their per-position mean over the same windows, minus the unchanged model's;
   one layer at a time, no retraining. That replacement is exactly the layer converted to a static
@@ -40,6 +44,8 @@ DEFINITIONS = {
     "share": "Var_t(E[v | t]) / Var(v), summed over the head's dimensions, positions weighted "
              "alike; unbiased one-way ANOVA estimate, between part clamped at 0",
     "layer_share": "the heads' between-position variances summed over their total variances",
+    "q_share_rotated": "the share of the query after RoPE, the one attention scores with (the "
+                       "same as q_share in a layer without RoPE)",
     "delta_loss": "mean next-token loss (nats/token) with the layer's queries replaced by their "
                   "per-position mean over the probe text, minus the unchanged model's",
     "share_delta_spearman": "rank correlation over layers of the query's layer share and its "
@@ -100,15 +106,20 @@ def pooled_share(between: torch.Tensor, within: torch.Tensor) -> float:
 @contextlib.contextmanager
 def recording(model):
     """Record every layer's queries and keys (before RoPE) while the block runs: yields the
-    per-layer (query, key) PositionMoments."""
-    moments = [(PositionMoments(), PositionMoments()) for _ in model.blocks]
+    per-layer (query, key, rotated query) PositionMoments; the last is None in a layer without
+    RoPE, where the rotated query is the query."""
+    moments = [(PositionMoments(), PositionMoments(),
+                PositionMoments() if b.attn.rotary is not None and b.attn.spec.query != "rotary"
+                else None) for b in model.blocks]
     handles, patched = [], []
-    for block, (qm, km) in zip(model.blocks, moments):
+    for block, (qm, km, rm) in zip(model.blocks, moments):
         attn = block.attn
 
-        def record(q, positions, *, attn=attn, qm=qm):
+        def record(q, positions, *, attn=attn, qm=qm, rm=rm):
             # A rotary query is constant before RoPE: it is recorded where it acts.
             qm.add(attn.rotary(q, positions) if attn.spec.query == "rotary" else q)
+            if rm is not None:
+                rm.add(attn.rotary(q, positions))
             return q
 
         def keys(module, inputs, out, *, attn=attn, km=km):
@@ -205,7 +216,7 @@ def positional_means(model, token_windows: torch.Tensor, *,
     head_dim) float32 on the model's device. What a static table converted from the layer holds."""
     model.eval()
     _, moments = _record(model, check_windows(model, token_windows), batch_size)
-    return [_query_mean(b.attn, qm) for b, (qm, _) in zip(model.blocks, moments)]
+    return [_query_mean(b.attn, qm) for b, (qm, _, _) in zip(model.blocks, moments)]
 
 
 def query_probe(model, token_windows: torch.Tensor, *, batch_size: int = 16,
@@ -219,10 +230,11 @@ def query_probe(model, token_windows: torch.Tensor, *, batch_size: int = 16,
     token_windows = check_windows(model, token_windows)
     base, moments = _record(model, token_windows, batch_size)
     layers = []
-    for i, (block, (qm, km)) in enumerate(zip(model.blocks, moments)):
+    for i, (block, (qm, km, rm)) in enumerate(zip(model.blocks, moments)):
         attn, mean = block.attn, _query_mean(block.attn, qm)
         qb, qw = qm.variances()
         kb, kw = km.variances()
+        rb, rw = rm.variances() if rm is not None else (qb, qw)
 
         def delta(heads=None):
             with replaced_queries(attn, mean, heads):
@@ -232,6 +244,7 @@ def query_probe(model, token_windows: torch.Tensor, *, batch_size: int = 16,
             "layer": i, "spec": attn.spec.name, "query": attn.spec.query,
             "q_share": shares(qb, qw), "k_share": shares(kb, kw),
             "q_share_layer": pooled_share(qb, qw), "k_share_layer": pooled_share(kb, kw),
+            "q_share_rotated": shares(rb, rw), "q_share_rotated_layer": pooled_share(rb, rw),
             "q_variance": float((qb + qw).sum()), "delta_loss": delta() if ablate else None,
             "delta_loss_heads": ([delta([h]) for h in range(attn.spec.n_q_heads)]
                                  if per_head and ablate else None)})

@@ -15,17 +15,24 @@ def _shares(values) -> str:
     return " ".join(f"{v:.2f}" for v in values)
 
 
+def _rotated(r: dict) -> str:
+    """The rotated share (probes written before it was measured have none)."""
+    v = r.get("q_share_rotated_layer")
+    return "-" if v is None else f"{v:.3f}"
+
+
 def probe_markdown(report: dict, *, title: str = "Query probe") -> str:
     """The probe as a markdown table, one row per layer, with the definitions under it."""
     lines = [f"# {title}", "",
              f"{report['windows']} windows of {report['seq_len']} tokens "
              f"({report['tokens']:,} tokens); loss of the unchanged model "
              f"{report['base_loss']:.4f} nats/token.", "",
-             "| layer | spec | q share (layer) | q share per head | k share (layer) | "
-             "Δ loss, queries → positional mean |", "|---|---|---|---|---|---|"]
+             "| layer | spec | q share (layer) | q share per head | q share after RoPE "
+             "(layer) | k share (layer) | Δ loss, queries → positional mean |",
+             "|---|---|---|---|---|---|---|"]
     for r in report["layers"]:
         lines.append(f"| {r['layer']} | `{r['spec']}` | {r['q_share_layer']:.3f} | "
-                     f"{_shares(r['q_share'])} | {r['k_share_layer']:.3f} | "
+                     f"{_shares(r['q_share'])} | {_rotated(r)} | {r['k_share_layer']:.3f} | "
                      + ("-" if r["delta_loss"] is None else f"{r['delta_loss']:+.4f}") + " |")
     if any(r.get("delta_loss_heads") for r in report["layers"]):
         lines += ["", "Δ loss with one head's queries replaced:", "",
@@ -59,6 +66,9 @@ def probe_heatmap(report: dict, path) -> str:
     panels = [("query: positional share", _grid([r["q_share"] for r in layers]), (0, 1),
                "viridis"),
               ("key: positional share", _grid([r["k_share"] for r in layers]), (0, 1), "viridis")]
+    if any(r.get("q_share_rotated", r["q_share"]) != r["q_share"] for r in layers):   # RoPE
+        panels.insert(1, ("query after RoPE: positional share",
+                          _grid([r["q_share_rotated"] for r in layers]), (0, 1), "viridis"))
     if all(r.get("delta_loss_heads") for r in layers):
         grid = _grid([r["delta_loss_heads"] for r in layers])
         top = max(abs(v) for row in grid for v in row if v == v) or 1.0

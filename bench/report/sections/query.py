@@ -84,8 +84,8 @@ def query_section(summary: dict, path: Path, figure_dir=None) -> str:
 
 def static_part(s: dict, figure: Optional[str]) -> str:
     n = s["n_layers"]
-    layer_rows = [[str(r["layer"]), fmt(r["q_share"], 3), fmt(r["k_share"], 3),
-                   fmt(r["delta_loss"], 4)] for r in s["layers"]]
+    layer_rows = [[str(r["layer"]), fmt(r["q_share"], 3), fmt(r.get("q_share_rotated"), 3),
+                   fmt(r["k_share"], 3), fmt(r["delta_loss"], 4)] for r in s["layers"]]
     rows = [[str(r["k"]), _layers(r["most"]["layers"]), fmt(r["most"]["delta_before"], 4),
              fmt(r["most"]["delta_after"], 4), _layers(r["least"]["layers"]),
              fmt(r["least"]["delta_before"], 4), fmt(r["least"]["delta_after"], 4),
@@ -101,9 +101,11 @@ def static_part(s: dict, figure: Optional[str]) -> str:
     text = [
         "#### Does the probe predict which layers tolerate a static query?",
         "Per layer of the trained MHA: the positional share of its queries and keys (the part of "
-        "their variance that position alone explains; `sqt probe`) and the loss change when its "
-        "queries are replaced by their per-position mean, no retraining:",
-        table(["layer", "q share", "k share", "Δ loss, queries → mean"], layer_rows),
+        "their variance that position alone explains; `sqt probe`), before RoPE and, for the "
+        "query, after it (\"-\": a probe from before that was measured), and the loss change "
+        "when its queries are replaced by their per-position mean, no retraining:",
+        table(["layer", "q share", "q share after RoPE", "k share", "Δ loss, queries → mean"],
+              layer_rows),
         f"Rank correlation of share and Δ over layers: {fmt(rho, 2)} (negative: positional "
         "layers lose less).",
         f"The k most vs the k least positional layers as static tables (`sqt convert --to "
