@@ -6,6 +6,29 @@ from __future__ import annotations
 
 import os
 
+HELP = ("spread the runs over these GPUs of this machine, one worker per GPU pinned to it: 'all' "
+        "or indices such as 0,1,2,3 (replaces --jobs and --device-slots; default: none)")
+
+
+def add_gpus_argument(parser) -> None:
+    """A grid runner's `--gpus LIST` (bench.sweep, bench.layer_sweep, bench.quality)."""
+    parser.add_argument("--gpus", default=None, metavar="LIST", help=HELP)
+
+
+def check_gpus(gpus, device_setting: str) -> None:
+    """`--gpus` against `--device` and this machine, before anything starts: workers pinned to
+    GPUs need --device auto or cuda (each worker's GPU is its cuda), and GPUs that exist."""
+    if gpus is None:
+        return
+    import torch
+
+    from sqt.utils import resolve_device
+    device = resolve_device(device_setting, name="--device")
+    if device.type != "cuda" or device.index is not None:
+        raise ValueError(f"--gpus {gpus} with --device {device_setting}: expected --device auto "
+                         "or cuda (each worker's GPU is its cuda)")
+    parse_gpus(gpus, available=torch.cuda.device_count())
+
 
 def parse_gpus(text: str, *, available: int) -> list[int]:
     """`--gpus`: "all" or comma-separated indices ("0,1,2,3") of this machine's `available`

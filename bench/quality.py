@@ -24,6 +24,7 @@ from pathlib import Path
 from sqt.utils import atomic_write_json
 
 from . import quality_grid as qg
+from .gpus import add_gpus_argument, check_gpus
 
 
 def prepare_grid(regime: qg.Regime, role: str, corpus: Path, args, device_type: str) -> dict:
@@ -129,10 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"worker processes (default {regime.jobs} on CUDA, 1 on the CPU)")
         r.add_argument("--device-slots", type=int, default=1,
                        help="runs training at once on the GPU (default 1; more with --mps)")
-        r.add_argument("--gpus", default=None, metavar="LIST",
-                       help="spread the runs over these GPUs of this machine, one worker per GPU "
-                            "pinned to it: 'all' or indices such as 0,1,2,3 (replaces --jobs and "
-                            "--device-slots; default: none)")
+        add_gpus_argument(r)
         r.add_argument("--mps", action="store_true",
                        help="serve the workers through CUDA MPS (see bench.packing_check)")
         r.add_argument("--max-minutes", type=float, default=None,
@@ -178,17 +176,7 @@ def check(args, regime: qg.Regime) -> None:
         raise ValueError(f"--sample-tokens={args.sample_tokens}: expected >= 0")
     if args.seed_list is not None and min(args.seed_list) < 0:
         raise ValueError(f"--seed-list {args.seed_list}: expected seeds >= 0")
-    if args.gpus is not None:
-        import torch
-
-        from sqt.utils import resolve_device
-
-        from .gpus import parse_gpus
-        device = resolve_device(args.device, name="--device")
-        if device.type != "cuda" or device.index is not None:
-            raise ValueError(f"--gpus {args.gpus} with --device {args.device}: expected --device "
-                             "auto or cuda (each worker's GPU is its cuda)")
-        parse_gpus(args.gpus, available=torch.cuda.device_count())
+    check_gpus(args.gpus, args.device)
     for corpus in (args.corpus, getattr(args, "secondary", None)):
         if corpus is not None and not corpus.is_file():
             raise ValueError(f"corpus {str(corpus)!r} does not exist: expected a text file")

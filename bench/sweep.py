@@ -37,7 +37,7 @@ from sqt.variants import VARIANTS
 
 from .common import matmul_peak_tflops, report_run
 from .execution import run_grid, train_run
-from .gpus import parse_gpus
+from .gpus import add_gpus_argument, check_gpus, parse_gpus
 from .mps import mps_daemon
 
 # The training recipes (lr, dropout, batch, budget per size and device) are sqt.config.RECIPES, the
@@ -268,10 +268,7 @@ def common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-minutes", type=float, default=None,
                    help="wall-time guard from process start: start no run that cannot end in "
                         "time (estimated from the runs already trained); skipped runs are listed")
-    p.add_argument("--gpus", default=None, metavar="LIST",
-                   help="spread the runs over these GPUs of this machine, one worker per GPU "
-                        "pinned to it: 'all' or indices such as 0,1,2,3 (replaces --jobs and "
-                        "--device-slots; default: none)")
+    add_gpus_argument(p)
     p.add_argument("--data", default="tinyshakespeare",
                    help="'tinyshakespeare' (bundled) or a path to a UTF-8 text file")
     p.add_argument("--out", default="bench/results")
@@ -289,12 +286,8 @@ def check_args(args) -> None:
     if args.max_minutes is not None and not args.max_minutes > 0:
         raise ValueError(f"--max-minutes={args.max_minutes}: expected a number of minutes > 0")
     check_compile_mode(args.compile_mode)
-    device = resolve_device(args.device, name="--device")
-    if args.gpus is not None:
-        if device.type != "cuda" or device.index is not None:
-            raise ValueError(f"--gpus {args.gpus} with --device {args.device}: expected --device "
-                             "auto or cuda (each worker's GPU is its cuda)")
-        parse_gpus(args.gpus, available=torch.cuda.device_count())
+    resolve_device(args.device, name="--device")
+    check_gpus(args.gpus, args.device)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,3 +32,15 @@ def build(block="classic", layers="mha", seed=0, **kw) -> TransformerLM:
 def _deterministic():
     torch.manual_seed(1234)
     yield
+
+
+def prefill_then_decode(model, x, prefill: int = 6):
+    """(full forward logits, prefill-then-one-token-at-a-time logits, the cache) of `model` on
+    `x`: the cached path's two ops (prefill, decode) against the uncached forward."""
+    B, T = x.shape
+    with torch.no_grad():
+        full = model(x)
+        cache = model.new_cache(B, T)
+        parts = [model(x[:, :prefill], cache)] + [model(x[:, i:i + 1], cache, decode=True)
+                                                  for i in range(prefill, T)]
+    return full, torch.cat(parts, dim=1), cache

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import LAYER_CASES, build, case_id, small_config
+from conftest import LAYER_CASES, build, case_id, prefill_then_decode, small_config
 from sqt import (BaselineLM, HybridLM, LMConfig, SQTLM, TransformerLM, VARIANTS, param_count,
                  preset)
 from sqt.config import PRESETS
@@ -104,13 +104,9 @@ def test_cached_decoding_matches_full_forward(block, layers):
     """Prefill a prompt, then decode one token at a time: logits equal the full forward."""
     m = build(block, layers)
     x = torch.randint(0, 37, (3, 19))
-    with torch.no_grad():
-        full = m(x)
-        cache = m.new_cache(3, 19)
-        parts = [m(x[:, :6], cache)] + [m(x[:, i:i + 1], cache, decode=True)
-                                        for i in range(6, 19)]
+    full, cached, cache = prefill_then_decode(m, x)
     assert cache.pos.device == x.device and cache.pos.dim() == 0 and int(cache.pos) == 19
-    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("block", BLOCKS)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import small_config
+from conftest import prefill_then_decode, small_config
 from sqt import LMConfig, TransformerLM, active_param_count, param_count, preset
 from sqt.accounting import feed_forward_params, linear_flops_per_token
 from sqt.moe import MoE, cuda_graph_blocker, load_balancing_loss, router_z_loss
@@ -207,13 +207,8 @@ def test_moe_model_is_causal(impl):
 def test_cached_decoding_matches_full_forward_with_moe(layers):
     torch.manual_seed(0)
     m = TransformerLM(moe_config(layers=layers)).eval()
-    x = torch.randint(0, 37, (3, 19))
-    with torch.no_grad():
-        full = m(x)
-        cache = m.new_cache(3, 19)
-        parts = [m(x[:, :6], cache)] + [m(x[:, i:i + 1], cache, decode=True)
-                                          for i in range(6, 19)]
-    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-5)
+    full, cached, _ = prefill_then_decode(m, torch.randint(0, 37, (3, 19)))
+    torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-5)
 
 
 def test_block_checkpointing_keeps_the_aux_loss_and_its_gradients():
