@@ -23,7 +23,8 @@ import torch
 
 from bench.common import matmul_peak_tflops, report_run
 from bench.throughput_cases import (MODEL_FAMILIES, MODELS, OP_FAMILIES, SDPA_FORCE, TRAIN_MODES,
-                                    WINDOW_FAMILIES, head_dim_of, n_heads_of, run_case)
+                                    WINDOW_FAMILIES, compiled, head_dim_of, n_heads_of,
+                                    run_case)
 from sqt import flash
 from sqt.kernels import AUTO_FLASH
 from sqt.utils import allow_many_recompiles, atomic_write_json, run_record
@@ -53,7 +54,8 @@ DEFAULT_SUBSETS = {
 # The SQA paper's batches (its Table 3): 131072 tokens per step, at least one sequence.
 PAPER_TOKENS_PER_STEP = 131072
 MODE_COST = {"forward": 1.0, "train": 3.5,   # rough: backward ~2.5x forward for attention
-             "train-ckpt": 4.5}            # plus the recomputed forward
+             "train-ckpt": 4.5,            # plus the recomputed forward
+             "train-compiled": 3.5, "train-ckpt-compiled": 4.5}
 
 
 def _csv(text: str) -> list[str]:
@@ -79,7 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="variant names, nq/nkv, '@W' for a sliding window")
     p.add_argument("--modes", default="forward,train",
                    help="forward, train, train-ckpt (training step with every block recomputed "
-                        "in the backward: fits longer sequences)")
+                        "in the backward: fits longer sequences), train-compiled and "
+                        "train-ckpt-compiled (the same through torch.compile, as `sqt train` "
+                        "runs on CUDA)")
     p.add_argument("--models", default=",".join(DEFAULT_MODELS),
                    help=f"from {', '.join(MODELS)}")
     p.add_argument("--families", default=",".join(DEFAULT_FAMILIES),
@@ -234,7 +238,7 @@ def _skip_reason(c, elapsed, a, done) -> str | None:
         return None
     per_call = prev["seconds"] * _work(c) / _work(prev)
     predicted = per_call * (2 + 3)       # first call + a warm-up + the minimum 3 samples
-    if c["family"] == "flex":            # a new shape compiles again, about as long as before
+    if c["family"] == "flex" or compiled(c["mode"]):   # a new shape compiles again, as long
         predicted += max(0.0, prev["first_call_s"] - prev["seconds"])
     if predicted > left:
         return (f"budget: predicted {predicted:.1f} s from seq {prev['seq']}, "
@@ -257,7 +261,8 @@ def main(argv=None) -> dict:
                   f"{c['variant']:9s} seq={c['seq']} batch={c['batch']}")
         print(f"{len(cases)} cases")
         return {"cases": cases}
-    if device.type == "cuda" and any(c["family"] == "flex" for c in cases):
+    if any(c["family"] == "flex" and device.type == "cuda" or compiled(c["mode"])
+           for c in cases):
         allow_many_recompiles()         # importing dynamo costs seconds: only when it compiles
     torch.manual_seed(a.seed)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -287,9 +292,14 @@ def main(argv=None) -> dict:
             "op_method": "q, k, v are (B, H, T, D) views of one (B, T, W) buffer, as the "
                          "model's fused projection makes them; op train: forward and backward, "
                          "FLOPs credited 3.5x the forward's (FlashAttention's count)",
-            "compiled": "model not compiled (eager PyTorch); FlexAttention compiled per shape "
-                        "by sqt.kernels, FlashAttention-4 per head dim and head ratio by its "
-                        "own JIT (compile time excluded: first call)",
+            "compiled": "model not compiled (eager PyTorch) except in the *-compiled modes "
+                        "(forward and loss through torch.compile, default mode, as `sqt train` "
+                        "on CUDA); FlexAttention compiled per shape by sqt.kernels, "
+                        "FlashAttention-4 per head dim and head ratio by its own JIT (compile "
+                        "time excluded: first call)",
+            "kernel_time": "profiled cases: kernel_ms, every CUDA kernel's time in one profiled "
+                           "call, and attention_kernel_ms, the attention kernels' share of it "
+                           "(forward, backward and their helpers)",
             "weights": "one seed per (model, variant, length, batch): every family and mode of "
                        "a cell starts from the same weights and batch (first_step_loss, "
                        "first_step_grad_norm: the first training step's, before any update)",

@@ -44,9 +44,19 @@ OP_FAMILIES = ("sdpa", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex", "fl
 WINDOW_FAMILIES = ("flex", "flash")        # the families with a sliding-window kernel
 SDPA_FORCE = ("flash", "cudnn", "efficient", "none")
 # Training steps: plain, and with every block recomputed in the backward (LMConfig's
-# checkpoint_blocks), which trades one more forward for memory. At the op level `train` is the
-# op's forward and backward.
-TRAIN_MODES = ("train", "train-ckpt")
+# checkpoint_blocks), which trades one more forward for memory; each also `-compiled`: forward and
+# loss through torch.compile, as `sqt train` runs them on CUDA (the backward by AOTAutograd), so
+# the elementwise work around attention is fused as in real training. At the op level `train` is
+# the op's forward and backward.
+TRAIN_MODES = ("train", "train-ckpt", "train-compiled", "train-ckpt-compiled")
+
+
+def checkpointed(mode: str) -> bool:
+    return mode.startswith("train-ckpt")
+
+
+def compiled(mode: str) -> bool:
+    return mode.endswith("-compiled")
 
 
 def model_config(model: str, seq: int, family: str) -> LMConfig:
@@ -119,7 +129,7 @@ def build_case(part_model: str, mode: str, family: str, variant: str, seq: int, 
 
 def _model_case(model_name, mode, family, variant, seq, batch, device, sdpa_force, gen) -> Case:
     cfg = dataclasses.replace(model_config(model_name, seq, family).with_layers(variant),
-                              checkpoint_blocks=mode == "train-ckpt")
+                              checkpoint_blocks=checkpointed(mode))
     spec = cfg.layer_specs()[0]
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
     with torch.device(device):          # initialised where it runs: seconds saved at d 2048
@@ -145,11 +155,18 @@ def _model_case(model_name, mode, family, variant, seq, batch, device, sdpa_forc
         targets = torch.randint(0, cfg.vocab_size, (batch, seq), generator=gen).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
 
-        def fn():
-            with autocast, ctx():
+        def loss_of(idx, targets):
+            with autocast:
                 logits = model(idx)
-                loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
-            loss.backward()
+                return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
+        if compiled(mode):
+            torch._dynamo.reset()     # each case compiles its own model, none reuses another's
+        step_loss = torch.compile(loss_of) if compiled(mode) else loss_of
+
+        def fn():
+            with ctx():     # outside the compiled function: its kernel is chosen while tracing
+                loss = step_loss(idx, targets)
+                loss.backward()
             if not first:       # the step every family of this cell takes from the same weights
                 first["loss"] = loss.detach().float()
                 first["grad_norm"] = torch.linalg.vector_norm(torch.stack(
@@ -161,7 +178,8 @@ def _model_case(model_name, mode, family, variant, seq, batch, device, sdpa_forc
     info = {"layer_backends": sorted(set(model.backends(seq_len=seq))),
             "params": model.num_params(), "sdpa_force": sdpa_force if family == "sdpa" else None,
             "fused_adamw": mode in TRAIN_MODES and device.type == "cuda",
-            "checkpoint_blocks": cfg.checkpoint_blocks, **_flash_entry(family, device)}
+            "checkpoint_blocks": cfg.checkpoint_blocks, "compiled": compiled(mode),
+            **_flash_entry(family, device)}
 
     def memory():
         return layer_memory(cfg, batch, seq, device, train=mode in TRAIN_MODES, context=ctx)
@@ -238,9 +256,10 @@ def run_case(c: dict, a, device, profile: bool) -> dict:
             torch.cuda.synchronize(device)
         first = time.perf_counter() - t0
         # The first call is a warm-up already; short steps get more (clocks, allocator), and a
-        # flex or flash step one more after its compile. Long steps are dominated by the kernel.
+        # flex, flash or compiled step one more after its compile. Long steps are dominated by the
+        # kernel.
         warm = 3 if first < 0.25 else (
-            1 if c["family"] in WINDOW_FAMILIES or first < 1.0 else 0)
+            1 if c["family"] in WINDOW_FAMILIES or compiled(c["mode"]) or first < 1.0 else 0)
         t = time_fn(case.fn, device, warmup=warm, repeats=a.repeats, max_seconds=a.max_seconds)
         out = {"status": "ok", "timing": t, "seconds": t["median_ms"] / 1e3,
                "first_call_s": first, "warmup_calls": 1 + warm}
@@ -343,5 +362,21 @@ def profile_kernels(fn: Callable[[], object], device: torch.device) -> dict:
     want_cuda = device.type == "cuda"
     names = attention_kernel_names(e.key for e in events
                                    if str(e.device_type).endswith("CUDA") == want_cuda)
-    return {"kernels": [n[:200] for n in names[:12]], "kernel_family": kernel_family(names),
-            "kernel_source": "cuda-kernels" if want_cuda else "cpu-ops"}
+    out = {"kernels": [n[:200] for n in names[:12]], "kernel_family": kernel_family(names),
+           "kernel_source": "cuda-kernels" if want_cuda else "cpu-ops"}
+    if want_cuda:
+        out.update(kernel_time_split((e.key, e.self_device_time_total) for e in events
+                                     if str(e.device_type).endswith("CUDA")))
+    return out
+
+
+def kernel_time_split(kernels: Iterable[tuple[str, float]]) -> dict:
+    """From (kernel name, device microseconds) of one profiled step: the time of every kernel
+    and of the attention kernels (their forward, backward and helpers; kernel_kind). What share
+    of a step attention takes bounds what a faster attention kernel can do for the step."""
+    total = attention = 0.0
+    for name, us in kernels:
+        total += us
+        if kernel_kind(name):
+            attention += us
+    return {"kernel_ms": total / 1e3, "attention_kernel_ms": attention / 1e3}

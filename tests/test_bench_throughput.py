@@ -9,7 +9,8 @@ from bench import throughput
 from bench.report.document import Context
 from bench.report.sections import throughput as report_section
 from bench.report.sections.throughput_analysis import analyse
-from bench.throughput_cases import MODELS, kernel_family, kernel_kind
+from bench.throughput_cases import MODELS, build_case, kernel_family, kernel_kind, \
+    kernel_time_split
 
 def markdown_section(results):
     """The report's throughput section for a results folder (no figures)."""
@@ -178,3 +179,24 @@ def test_flash_kernels_are_their_own_family():
     assert kernel_kind(fa4) == "flash"
     assert kernel_family([fa4, "kernel_cutlass_kernel_flash_attncuteflash_bwd_preprocess"]) \
         == "flash"
+
+
+def test_compiled_modes_compile_the_step_and_keep_the_checkpoint_choice(toy):
+    import torch
+    for mode, ckpt in (("train-compiled", False), ("train-ckpt-compiled", True)):
+        case = build_case("toy", mode, "sdpa", "mha", 32, 2, torch.device("cpu"), "none", 0)
+        assert case.info["compiled"] and case.info["checkpoint_blocks"] == ckpt
+    eager = build_case("toy", "train", "sdpa", "mha", 32, 2, torch.device("cpu"), "none", 0)
+    assert not eager.info["compiled"]
+    assert {c["mode"] for c in throughput.plan(throughput.parse_args(
+        TINY_ARGS + ["--modes", "train-compiled"]))} >= {"train-compiled"}
+
+
+def test_kernel_time_split_counts_every_backends_attention_kernels_and_only_those():
+    split = kernel_time_split([
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16", 300.0),
+        ("void cudnn::fusion::compute_dot_do_o_specialized<true, 128>", 20.0),
+        ("kernel_cutlass_kernel_flash_attncuteflash_bwd_sm90FlashAttentionBackwardSm90", 500.0),
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", 900.0),
+        ("void at::native::cunn_SoftMaxForwardSmem<8, c10::BFloat16>", 280.0)])
+    assert split == {"kernel_ms": 2.0, "attention_kernel_ms": 0.82}

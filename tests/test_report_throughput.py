@@ -238,3 +238,39 @@ def test_runs_without_flash_or_memory_keep_their_criteria():
     names = [k["name"] for k in criteria({"matmul_peak_tflops": {"start": 100.0}},
                                          add_speedups(cases))]
     assert not any("FlashAttention-4" in n or "peak memory" in n for n in names)
+
+
+def test_training_step_is_judged_on_the_trainers_own_step_with_its_attention_ceiling():
+    """A compiled step (what `sqt train` runs on CUDA) outranks the eager and the checkpointed
+    ones; where both steps were profiled the row says how far attention alone could take it:
+    attention 60 of 100 ms on cuDNN and 50 ms on flash bound the step at 100 / 90."""
+    result = flash_run(flash_train_s=1.15)          # the checkpointed rows alone would MISS
+    for seq in (32768, 131072):
+        for family, seconds, attn in (("sdpa", 1.0, 60.0), ("flash", 0.9, 50.0)):
+            result["cases"].append(dict(
+                part="model", model="wide128", mode="train-compiled", family=family, seq=seq,
+                batch=1, variant="mha", status="ok", seconds=seconds, step_flops=900e12,
+                n_q_heads=16, n_kv_heads=16, head_dim=128, first_step_loss=9.21,
+                kernel_ms=100.0 if family == "sdpa" else 90.0, attention_kernel_ms=attn))
+    found = {k["name"]: k for k in analyse(result)["criteria"]}
+    train = found["wide128 MHA training step, flash over cuDNN, 32k and 131k"]
+    assert train["status"] == "PASS" and "32,768 (train-compiled): 1.11x" in train["measured"]
+    assert "attention 60% of the cuDNN step's kernel time, its kernels 1.20x faster on flash: " \
+           "1.11x at most" in train["measured"]
+    # Without profiles there is no ceiling to state, and the row still reads.
+    for c in result["cases"]:
+        c.pop("attention_kernel_ms", None)
+    train = {k["name"]: k for k in analyse(result)["criteria"]}[
+        "wide128 MHA training step, flash over cuDNN, 32k and 131k"]
+    assert "at most" not in train["measured"] and train["status"] == "PASS"
+
+
+def test_a_training_step_pass_needs_every_judged_length_but_a_miss_stands_alone():
+    result = flash_run()
+    result["cases"] = [c for c in result["cases"] if c["seq"] != 131072]
+    name = "wide128 MHA training step, flash over cuDNN, 32k and 131k"
+    row = {k["name"]: k for k in analyse(result)["criteria"]}[name]
+    assert row["status"] == "INFO" and "131,072 not measured in this run" in row["measured"]
+    slow = flash_run(flash_train_s=1.15)
+    slow["cases"] = [c for c in slow["cases"] if c["seq"] != 131072]
+    assert {k["name"]: k for k in analyse(slow)["criteria"]}[name]["status"] == "MISS"
