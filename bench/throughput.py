@@ -288,6 +288,8 @@ def main(argv=None) -> dict:
                      "fused AdamW step, zero_grad",
             "train-ckpt": "as train, with every block recomputed in the backward "
                           "(LMConfig.checkpoint_blocks); FLOPs credited without the recompute",
+            "train-compiled": "as train, forward and loss through torch.compile",
+            "train-ckpt-compiled": "as train-ckpt, forward and loss through torch.compile",
             "op": "sqt.kernels.attend on random bf16 q/k/v, causal, inference_mode",
             "op_method": "q, k, v are (B, H, T, D) views of one (B, T, W) buffer, as the "
                          "model's fused projection makes them; op train: forward and backward, "

@@ -14,7 +14,7 @@ from .throughput_flash import flash_md
 STATUS_CELL = {"oom": "OOM", "skipped": "skipped", "error": "error"}
 # Method notes that newer runs record (older runs read as they did).
 NEWER_SETTINGS = (("op_method", "Op level"), ("weights", "Weights"),
-                  ("layer_memory", "Layer memory"))
+                  ("layer_memory", "Layer memory"), ("kernel_time", "Kernel time"))
 
 
 def cell(c: Optional[dict], op: bool, peak: float) -> str:
@@ -90,7 +90,8 @@ def render_markdown(result: dict, source: str = "", note: Optional[str] = None) 
          "block; median shown, quartiles in the JSON. "
          f"Forward: {st['forward']}. Train: {st['train']} (lengths up to "
          f"{st.get('train_max_seq') or 'any'})"
-         + "".join(f"; {m}: {st[m]}" for m in st.get("modes", []) if m not in ("forward", "train"))
+         + "".join(f"; {m}: {st[m]}" for m in st.get("modes", [])
+                   if m not in ("forward", "train") and m in st)
          + f". {st['compiled']}. "
          + "".join(f"{name}: {st[key]}. " for key, name in NEWER_SETTINGS if key in st)
          + "Model-level SDPA family: " +
