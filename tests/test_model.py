@@ -282,3 +282,18 @@ def test_block_checkpointing_computes_the_same_loss_and_gradients(block, layers)
     assert torch.equal(grads[0][0], grads[1][0])
     for a, b in zip(grads[0][1], grads[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("block", ["classic", "modern"])
+def test_a_forward_never_parses_layer_names_again(block, monkeypatch):
+    """What a forward reads of the config was resolved when the model was built: parsing layer
+    names does arithmetic on fractions, which torch 2.11's compiler cannot trace (a graph break
+    in every compiled step)."""
+    model = TransformerLM(small_config(block=block, layers="sqa", n_heads=4))
+    idx = torch.randint(0, model.config.vocab_size, (2, 16))
+    want = model(idx)
+
+    def parse_again(self):
+        raise AssertionError("a forward parsed the layer names")
+    monkeypatch.setattr(LMConfig, "layer_specs", parse_again)
+    torch.testing.assert_close(model(idx), want)

@@ -100,6 +100,9 @@ class TransformerLM(nn.Module):
             raise ValueError(f"cfg={type(cfg).__name__}: expected an LMConfig")
         self.config = cfg = cfg.with_layers(layers) if layers is not None else cfg
         self.specs = cfg.layer_specs()
+        # Read by every forward: kept here, as the specs are, so a compiled forward does not trace
+        # the parsing of the layer names (their fractions break a graph on torch 2.11).
+        self._max_positions = cfg.max_positions
         self.windows = tuple(dict.fromkeys(s.window for s in self.specs))   # distinct, in order
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = (nn.Embedding(cfg.max_seq_len, cfg.d_model)
@@ -172,7 +175,7 @@ class TransformerLM(nn.Module):
     def max_positions(self) -> Optional[int]:
         """The longest sequence the model can read, or None where nothing limits it (RoPE and no
         static table)."""
-        return self.config.max_positions
+        return self._max_positions
 
     def backends(self, *, seq_len: Optional[int] = None) -> list[str]:
         """The attention op each layer runs on the model's current device (`sdpa`, `flex`,
