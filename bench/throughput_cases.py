@@ -321,6 +321,10 @@ def kernel_kind(name: str) -> Optional[str]:
     kernels also say 'flash' (it implements FlashAttention-2), so cuDNN is tested first, then
     FlashAttention-4's, named after their module: `kernel_cutlass_kernel_flash_attncute...`."""
     n = name.lower()
+    if n.startswith(("triton_poi", "triton_red", "triton_per")):
+        # inductor's fused pointwise/reduction kernels, named after every op fused in: one that
+        # reads an attention op's output (RoPE into the next layer) carries its name too
+        return None
     if "cudnn" in n:
         return "sdpa-cudnn"
     if "flash_attncute" in n:         # CuTe DSL kernels of flash_attn.cute: FlashAttention-4

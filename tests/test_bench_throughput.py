@@ -116,6 +116,13 @@ def test_kernel_family(names, family):
     assert kernel_family(names) == family
 
 
+def test_inductors_fused_kernels_are_never_attention_even_when_named_after_it():
+    name = ("triton_poi_fused__to_copy__unsafe_view_add_arange_cat_copy_cos_flash_attn_fwd_mul_"
+            "sin_slice_split")
+    assert kernel_kind(name) is None
+    assert kernel_family([name, "kernel_cutlass_kernel_flash_attncuteflash_fwd_sm90"]) == "flash"
+
+
 def test_kernel_kind_ignores_other_kernels():
     assert kernel_kind("ampere_bf16_s16816gemm_bf16_128x128") is None
 
