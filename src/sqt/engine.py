@@ -26,8 +26,8 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from .generate import apply_stop, check_generation, sample_next
-from .model import TransformerLM
-from .utils import check_model, check_token_id_tensor
+from .model import TransformerLM, check_model
+from .utils import check_token_id_tensor
 
 
 class DecodeEngine:

@@ -10,7 +10,8 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from .utils import check_model, check_token_ids
+from .model import check_model
+from .utils import check_token_ids
 
 
 def _number(v) -> bool:

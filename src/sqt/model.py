@@ -316,3 +316,9 @@ def SQTLM(cfg: LMConfig) -> TransformerLM:
 def HybridLM(cfg: LMConfig, n_sqt_layers: int) -> TransformerLM:
     """The first `n_sqt_layers` layers SQT, the rest standard."""
     return TransformerLM(cfg, hybrid_layers(cfg.n_layers, n_sqt_layers))
+
+
+def check_model(model) -> None:
+    """A ValueError unless `model` is an sqt TransformerLM (or a torch.compile wrapper of one)."""
+    if not isinstance(getattr(model, "_orig_mod", model), TransformerLM):
+        raise ValueError(f"model is a {type(model).__name__}: expected an sqt TransformerLM")

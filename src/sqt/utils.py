@@ -98,13 +98,6 @@ def is_out_of_memory(error: BaseException) -> bool:
 TOKEN_ID_DTYPES = (torch.int64, torch.int32)
 
 
-def check_model(model) -> None:
-    """A ValueError unless `model` is an sqt TransformerLM (or a torch.compile wrapper of one)."""
-    from .model import TransformerLM
-    if not isinstance(getattr(model, "_orig_mod", model), TransformerLM):
-        raise ValueError(f"model is a {type(model).__name__}: expected an sqt TransformerLM")
-
-
 def check_token_id_tensor(idx, *, name: str = "idx") -> None:
     """A ValueError unless `idx` is a tensor of integer token ids (what an embedding takes):
     checks its type and dtype only, on the host, so it costs nothing on any device."""
